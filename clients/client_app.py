@@ -1,0 +1,67 @@
+"""The fedlr ClientApp: answers the start-up query and trains on its partition.
+
+The partition comes from ``context.node_config["partition-id"]`` in simulation
+and deployment alike; everything else from the resolved config. Datasets and
+models are cached in :mod:`clients.trainer` (an importable module, so the cache
+survives across messages inside one Ray actor; ``shared/specs/flower-notes.md``).
+
+A failure re-raises with the partition id and the full traceback in the
+message, so the server's error reply names the client and what went wrong.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients import trainer
+from fedlr import config as config_mod
+from fedlr.config import Config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
+_CONFIGS: dict[str, Config] = {}
+
+
+class ClientError(RuntimeError):
+    """A client's training failed; carries the partition id and traceback."""
+
+
+def _config_from_context(context: Context) -> Config:
+    path = str(context.run_config.get("config", "")) or str(DEFAULT_CONFIG)
+    if path not in _CONFIGS:
+        _CONFIGS[path] = config_mod.load(path)
+    return _CONFIGS[path]
+
+
+def make_client_app(cfg: Config | None = None) -> ClientApp:
+    """A ClientApp bound to ``cfg``, or reading the config from ``run_config`` if None."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        info = MetricRecord(
+            {
+                "partition-id": int(context.node_config["partition-id"]),
+                "num-partitions": int(context.node_config["num-partitions"]),
+            }
+        )
+        return Message(RecordDict({"info": info}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        partition_id = int(context.node_config["partition-id"])
+        try:
+            resolved = cfg if cfg is not None else _config_from_context(context)
+            content = trainer.train(resolved, partition_id, msg.content)
+        except Exception as err:
+            raise ClientError(f"client {partition_id} failed:\n{traceback.format_exc()}") from err
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+# ``flwr run .`` entry point.
+app = make_client_app()

@@ -1,0 +1,73 @@
+"""Client-side work for each method, with per-process caches.
+
+Inside a Ray actor this module is imported once, so the dataset, the client's
+tensors and the model object persist across messages: each message only loads
+weights in place and trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from torch import nn
+
+from fedlr.config import Config
+from fedlr.data import load_federated_data
+from fedlr.models import build_model
+from fedlr.training import derive_seed, local_sgd
+
+TRAIN_STREAM = 2  # seed stream of local batch order (see strategies.base.SAMPLING_STREAM)
+
+_MODELS: dict[tuple[Any, ...], nn.Module] = {}
+_THREADS_SET = False
+
+
+def device() -> torch.device:
+    """CUDA when Ray gave this actor a GPU (with num_gpus = 0 Ray hides all GPUs)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model(cfg: Config, input_shape: tuple[int, ...], num_classes: int, dev: torch.device) -> nn.Module:
+    key = (cfg["model"], cfg["norm"], cfg["width"], cfg["seed"], input_shape, num_classes, str(dev))
+    if key not in _MODELS:
+        _MODELS[key] = build_model(cfg, input_shape, num_classes).to(dev)
+    return _MODELS[key]
+
+
+def _limit_threads(cfg: Config) -> None:
+    # Torch defaults to one thread per core in every actor; with several actors
+    # per machine that oversubscribes the CPUs. Use the actor's CPU share.
+    global _THREADS_SET
+    if not _THREADS_SET:
+        torch.set_num_threads(max(1, int(cfg["simulation.num_cpus"])))
+        _THREADS_SET = True
+
+
+def train(cfg: Config, partition_id: int, content: RecordDict) -> RecordDict:
+    """Dense local training (FedAvg, FedProx, FedAdam): load the global model,
+    run local SGD on this partition, return the new weights and ``num-examples``."""
+    _limit_threads(cfg)
+    dev = device()
+    data = load_federated_data(cfg)
+    model = _model(cfg, data.input_shape, data.num_classes, dev)
+    model.load_state_dict(content["arrays"].to_torch_state_dict())
+    x, y = (torch.from_numpy(a).to(dev) for a in data.client(partition_id))
+    num_examples = len(y)
+    config = content["config"]
+    server_round = int(config["server-round"])
+    loss = local_sgd(
+        model, x, y,
+        epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+        momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=derive_seed(cfg["seed"], TRAIN_STREAM, server_round, partition_id),
+    )
+    arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    if dev.type == "cuda":
+        # Several clients share one GPU by fractional num_gpus: give memory back.
+        del x, y
+        torch.cuda.empty_cache()
+    metrics = MetricRecord({"num-examples": num_examples, "train_loss": loss})
+    return RecordDict({"arrays": arrays, "metrics": metrics})

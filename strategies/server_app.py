@@ -1,0 +1,143 @@
+"""The fedlr ServerApp: discovers the nodes, runs the method's strategy, records results.
+
+Two ways in, one code path (:func:`run_server`):
+
+* ``fedlr run`` builds the app with :func:`make_server_app` around an already
+  resolved config (``run_simulation`` leaves ``context.run_config`` empty);
+* ``flwr run .`` loads the module-level :data:`app`, which reads the config path
+  and output directory from ``[tool.flwr.app.config]`` (keys ``config``, ``out``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedlr import config as config_mod
+from fedlr.checkpoint import load_checkpoint, save_checkpoint
+from fedlr.config import Config
+from fedlr.data import load_federated_data
+from fedlr.models import build_model
+from fedlr.results import RunRecorder, read_metrics
+from fedlr.training import evaluate
+from strategies import build_strategy
+from strategies.base import ClientFailure
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
+NODE_WAIT_S = 120.0
+
+
+def discover_nodes(grid: Grid, cfg: Config) -> dict[int, int]:
+    """Map Flower node ids to partition ids by querying every node once.
+
+    Node ids are random 64-bit integers; partition ids come from each node's
+    ``node_config``. Sampling on partition ids makes runs reproducible.
+    """
+    expected = cfg["num_clients"]
+    deadline = time.monotonic() + NODE_WAIT_S
+    while len(node_ids := sorted(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(node_ids)} of num_clients = {expected} nodes connected within {NODE_WAIT_S:.0f} s"
+            )
+        time.sleep(0.05)
+    if len(node_ids) > expected:
+        raise RuntimeError(
+            f"{len(node_ids)} nodes are connected but num_clients = {expected}; "
+            "start exactly num_clients SuperNodes (flwr run: --federation-config num-supernodes=N)"
+        )
+    queries = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY)
+        for nid in node_ids
+    ]
+    replies = list(grid.send_and_receive(queries, timeout=NODE_WAIT_S))
+    node_to_partition: dict[int, int] = {}
+    for msg in replies:
+        if msg.has_error():
+            raise ClientFailure(f"node {msg.metadata.src_node_id} failed the start-up query: {msg.error.reason}")
+        info = msg.content["info"]
+        if int(info["num-partitions"]) != expected:
+            raise RuntimeError(
+                f"node {msg.metadata.src_node_id} has num-partitions = {int(info['num-partitions'])} "
+                f"but num_clients = {expected}"
+            )
+        node_to_partition[msg.metadata.src_node_id] = int(info["partition-id"])
+    if sorted(node_to_partition.values()) != list(range(expected)):
+        raise RuntimeError(f"partition ids {sorted(node_to_partition.values())} are not 0..{expected - 1}")
+    return node_to_partition
+
+
+def run_server(grid: Grid, cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run one experiment on ``grid`` and write its outputs to ``out``.
+
+    On any failure ``status.json`` records the error before it propagates, and
+    every round completed so far is already in ``metrics.jsonl``.
+    """
+    recorder = RunRecorder(out, cfg, quiet=quiet)
+    try:
+        data = load_federated_data(cfg)
+        model = build_model(cfg, data.input_shape, data.num_classes)
+        x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+        strategy = build_strategy(cfg, discover_nodes(grid, cfg))
+
+        arrays = ArrayRecord(model.state_dict())
+        first_round, rows = 1, []
+        checkpoint = load_checkpoint(out) if resume else None
+        if checkpoint is not None:
+            arrays = _arrays_from(checkpoint["arrays"])
+            strategy.load_state_dict(checkpoint["strategy"])
+            first_round = checkpoint["round"] + 1
+            rows = [r for r in read_metrics(out) if r["round"] <= checkpoint["round"]]
+        recorder.start(rows)
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            return evaluate(model, x_test, y_test)
+
+        def on_round(server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
+            row["wall_s"] = round(recorder.elapsed(), 3)
+            recorder.log_round(row)
+            state = {k: v.numpy() for k, v in arrays.items()}
+            save_checkpoint(out, server_round, state, strategy.state_dict())
+
+        if first_round == 1:
+            row0 = {"round": 0, **evaluate_fn(0, arrays), "bytes_up": 0, "bytes_down": 0, "clients": 0}
+            row0["wall_s"] = round(recorder.elapsed(), 3)
+            recorder.log_round(row0)
+        strategy.run_rounds(grid, arrays, evaluate_fn, on_round, first_round)
+        return recorder.finish()
+    except BaseException as err:
+        recorder.set_status("failed", error=f"{type(err).__name__}: {err}")
+        raise
+
+
+def _arrays_from(state: dict[str, Any]) -> ArrayRecord:
+    return ArrayRecord({k: torch.from_numpy(v) for k, v in state.items()})
+
+
+def make_server_app(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) -> ServerApp:
+    """A ServerApp bound to a resolved config (used by ``fedlr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, cfg, out, resume=resume, quiet=quiet)
+
+    return app
+
+
+# ``flwr run .`` entry point: configuration from [tool.flwr.app.config].
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    path = str(context.run_config.get("config", "")) or str(DEFAULT_CONFIG)
+    cfg = config_mod.load(path)
+    out = str(context.run_config.get("out", "")) or str(Path.cwd() / "results" / time.strftime("flwr-%Y%m%d-%H%M%S"))
+    run_server(grid, cfg, Path(out))
