@@ -55,7 +55,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         partition_id = int(context.node_config["partition-id"])
         try:
             resolved = cfg if cfg is not None else _config_from_context(context)
-            content = trainer.train(resolved, partition_id, msg.content)
+            content = trainer.train(resolved, partition_id, msg.content, context)
         except Exception as err:
             raise ClientError(f"client {partition_id} failed:\n{traceback.format_exc()}") from err
         return Message(content, reply_to=msg)

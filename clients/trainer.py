@@ -7,10 +7,11 @@ weights in place and trains.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from torch import nn
 
 from fedlr.config import Config
@@ -45,7 +46,7 @@ def _limit_threads(cfg: Config) -> None:
         _THREADS_SET = True
 
 
-def train(cfg: Config, partition_id: int, content: RecordDict) -> RecordDict:
+def train_dense(cfg: Config, partition_id: int, content: RecordDict, context: Context) -> RecordDict:
     """Dense local training (FedAvg, FedProx, FedAdam): load the global model,
     run local SGD on this partition, return the new weights and ``num-examples``."""
     _limit_threads(cfg)
@@ -71,3 +72,14 @@ def train(cfg: Config, partition_id: int, content: RecordDict) -> RecordDict:
         torch.cuda.empty_cache()
     metrics = MetricRecord({"num-examples": num_examples, "train_loss": loss})
     return RecordDict({"arrays": arrays, "metrics": metrics})
+
+
+# method -> client-side training; a method's trainer receives the node's Context
+# so it can keep per-client state (``context.state``) across rounds.
+Trainer = Callable[[Config, int, RecordDict, Context], RecordDict]
+TRAINERS: dict[str, Trainer] = {"fedavg": train_dense, "fedprox": train_dense, "fedadam": train_dense}
+
+
+def train(cfg: Config, partition_id: int, content: RecordDict, context: Context) -> RecordDict:
+    """Run this client's local training for ``cfg['method']``."""
+    return TRAINERS[cfg["method"]](cfg, partition_id, content, context)

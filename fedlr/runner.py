@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +47,23 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
     """
     # Build the dataset cache before Ray starts: actors then only read it, and a
     # missing hub dataset fails here instead of inside every client.
-    load_federated_data(cfg)
+    data = load_federated_data(cfg)
 
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
+    from strategies import preflight
     from strategies.server_app import make_server_app
+
+    preflight(cfg, data)
 
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
     flwr_logger.addFilter(_DropDeprecation())
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
+    # Ray 2.55 announces a future change of GPU visibility at num_gpus = 0; fedlr
+    # relies on today's behaviour (actors without a GPU share see none).
+    warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
     try:
         run_simulation(
             server_app=make_server_app(cfg, out, resume=resume, quiet=quiet),

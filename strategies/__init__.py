@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from fedlr.config import Config
+from fedlr.data import FederatedData
 from strategies.base import FedlrStrategy
+
+
+def preflight(cfg: Config, data: FederatedData) -> None:
+    """Method-specific checks that need the data's shapes (for example whether a
+    compression ratio is reachable). Raise ``ConfigError`` so the CLI exits 2
+    before Ray or Flower starts. Dense methods have nothing to check."""
 
 
 def build_strategy(cfg: Config, node_to_partition: dict[int, int]) -> FedlrStrategy:
