@@ -11,6 +11,7 @@ message, so the server's error reply names the client and what went wrong.
 
 from __future__ import annotations
 
+import time
 import traceback
 from pathlib import Path
 
@@ -27,6 +28,17 @@ _CONFIGS: dict[str, Config] = {}
 
 class ClientError(RuntimeError):
     """A client's training failed; carries the partition id and traceback."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by ``[faults]`` to exercise failure handling."""
+
+
+def _inject_fault(cfg: Config, partition_id: int, server_round: int) -> None:
+    if cfg["faults.client"] == partition_id and cfg["faults.round"] == server_round:
+        if cfg["faults.kind"] == "hang":
+            time.sleep(10 * 24 * 3600)
+        raise InjectedFault(f"faults.client = {partition_id}: injected failure in round {server_round}")
 
 
 def _config_from_context(context: Context) -> Config:
@@ -55,6 +67,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         partition_id = int(context.node_config["partition-id"])
         try:
             resolved = cfg if cfg is not None else _config_from_context(context)
+            _inject_fault(resolved, partition_id, int(msg.content["config"]["server-round"]))
             content = trainer.train(resolved, partition_id, msg.content, context)
         except Exception as err:
             raise ClientError(f"client {partition_id} failed:\n{traceback.format_exc()}") from err

@@ -64,7 +64,7 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-METHODS = ("fedavg", "fedprox", "fedadam")
+METHODS = ("fedavg", "fedprox", "fedadam", "fedmud")
 OFFLINE_DATASETS = ("mnist1d", "digits")
 MODELS = ("mlp", "cnn1d", "cnn", "cnn4")
 PARTITIONS = ("iid", "dirichlet", "pathological")
@@ -101,12 +101,28 @@ SCHEMA: dict[str, Field] = {
     "simulation.num_cpus": Field(float, 1.0, "CPUs per client actor", low=0.0, low_open=True),
     "simulation.num_gpus": Field(float, 0.0, "GPUs per client actor (fractional allowed)", low=0.0),
     "simulation.round_timeout": Field(float, 600.0, "seconds to wait for a round's replies", low=0.0, low_open=True),
+    # --- fault injection (to test failure handling; off by default)
+    "faults.client": Field(int, -1, "partition id that fails on purpose (-1: none)", low=-1),
+    "faults.round": Field(int, 1, "round in which it fails", low=1),
+    "faults.kind": Field(str, "raise", "how it fails: raise an exception or hang", choices=("raise", "hang")),
     # --- strategy parameters
     "fedprox.mu": Field(float, 0.01, "FedProx proximal coefficient", low=0.0),
     "fedadam.eta": Field(float, 0.01, "FedAdam server learning rate", low=0.0, low_open=True),
     "fedadam.beta_1": Field(float, 0.9, "FedAdam first-moment decay", low=0.0, high=1.0),
     "fedadam.beta_2": Field(float, 0.99, "FedAdam second-moment decay", low=0.0, high=1.0),
     "fedadam.tau": Field(float, 1e-3, "FedAdam adaptivity", low=0.0, low_open=True),
+    # FedMUD (Li et al., ICML 2025, arXiv 2505.23176; shared/specs/fedmud.md §2, §4)
+    "fedmud.decomposition": Field(str, "bkd", "FedMUD factorization: low-rank matrices or block-wise Kronecker",
+                                  choices=("lowrank", "bkd")),
+    "fedmud.aggregation": Field(str, "aad", "FedMUD factor averaging: naive or aggregation-aware (exact)",
+                                choices=("naive", "aad")),
+    "fedmud.ratio": Field(float, 0.03125, "FedMUD upload budget: trainable entries over the dense model's",
+                          low=0.0, high=1.0, low_open=True),
+    "fedmud.init_scale": Field(float, 5.0, "FedMUD seed-drawn factors are U(-a, a) with a = init_scale",
+                               low=0.0, low_open=True),
+    "fedmud.target": Field(str, "update", "what is factorized: the round's update (MUD) or the weight (FedLMT)",
+                           choices=("update", "weight")),
+    "fedmud.skip": Field(str, "0-0", "'F-L': the first F and last L Linear/Conv layers stay dense"),
 }
 
 # Resolved defaults that depend on other keys.
@@ -243,6 +259,20 @@ def resolve(raw: Config, overrides: Iterable[tuple[str, Any]] = ()) -> Config:
         raise ConfigError(
             f"simulation.num_gpus = {cfg['simulation.num_gpus']}: fractions are allowed only below 1 "
             "(a whole number of GPUs or a share of one)"
+        )
+    # FedMUD: the skip syntax, and the one pattern defined for weight factorization (spec §2.4).
+    skip = cfg["fedmud.skip"].split("-")
+    if len(skip) != 2 or not all(part.isascii() and part.isdigit() for part in skip):
+        raise ConfigError(
+            f"fedmud.skip = {cfg['fedmud.skip']!r}: must be 'F-L' with integers F, L >= 0 "
+            "(the first F and last L Linear/Conv layers stay dense), for example '0-0' or '1-1'"
+        )
+    if cfg["method"] == "fedmud" and cfg["fedmud.target"] == "weight" and (
+        cfg["fedmud.decomposition"], cfg["fedmud.aggregation"]
+    ) != ("lowrank", "naive"):
+        raise ConfigError(
+            f"fedmud.target = 'weight': needs fedmud.decomposition = 'lowrank' and fedmud.aggregation = 'naive' "
+            f"(the FedLMT baseline), got {cfg['fedmud.decomposition']!r} and {cfg['fedmud.aggregation']!r}"
         )
     return dict(sorted(cfg.items()))
 

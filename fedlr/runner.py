@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,32 @@ def backend_config(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     }
 
 
+def _reaper(finished: threading.Event) -> Callable[[BaseException], None]:
+    """After a server-side failure, make sure the process can end.
+
+    Flower's simulation workers block in ``ray.get`` on a client that hangs and
+    never notice the stop event, so ``run_simulation`` would not return. Give it
+    a grace period, then shut Ray down (which kills the hung actors); as a last
+    resort, report and exit.
+    """
+
+    def on_failure(err: BaseException) -> None:
+        def reap() -> None:
+            if finished.wait(5.0):
+                return
+            import ray
+
+            ray.shutdown()
+            if finished.wait(5.0):
+                return
+            print(f"fedlr: run failed: {err}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+        threading.Thread(target=reap, name="fedlr-reaper", daemon=True).start()
+
+    return on_failure
+
+
 def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run ``cfg`` to completion in the Ray simulation and return ``summary.json``.
 
@@ -58,15 +87,18 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
     preflight(cfg, data)
 
     flwr_logger = logging.getLogger("flwr")
-    flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Without --verbose fedlr reports failures itself (once, with the client's
+    # traceback); Flower would log each one several times through Ray.
+    flwr_logger.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     flwr_logger.addFilter(_DropDeprecation())
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
     # Ray 2.55 announces a future change of GPU visibility at num_gpus = 0; fedlr
     # relies on today's behaviour (actors without a GPU share see none).
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
+    finished = threading.Event()
     try:
         run_simulation(
-            server_app=make_server_app(cfg, out, resume=resume, quiet=quiet),
+            server_app=make_server_app(cfg, out, resume=resume, quiet=quiet, on_failure=_reaper(finished)),
             client_app=make_client_app(cfg),
             num_supernodes=cfg["num_clients"],
             backend_name="ray",
@@ -75,6 +107,8 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
         )
     except Exception as err:
         raise RunFailed(str(err)) from err
+    finally:
+        finished.set()
     status = json.loads((out / "status.json").read_text()) if (out / "status.json").is_file() else {}
     if status.get("status") != "completed":
         raise RunFailed(status.get("error", "the ServerApp ended without completing the run"))

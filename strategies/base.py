@@ -10,6 +10,7 @@ re-implementing that strategy's aggregation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,6 +42,26 @@ class _SampledGrid:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def client_error_text(reason: str, partition_id: int | str) -> str:
+    """The client's own traceback out of Flower's error reason.
+
+    Ray and Flower wrap a ClientApp exception in their own frames and repeat it;
+    ``clients.client_app`` raises ``client N failed:`` followed by the original
+    traceback, which is what a user needs to see.
+    """
+    text = _ANSI.sub("", reason)
+    marker = f"client {partition_id} failed:"
+    start = text.find(marker)
+    if start < 0:
+        return text.strip()
+    text = text[start + len(marker):]
+    end = text.find("\n\nThe above exception was the direct cause")
+    return (text[:end] if end >= 0 else text).strip()
 
 
 def sample_partitions(seed: int, server_round: int, num_clients: int, k: int) -> list[int]:
@@ -91,7 +112,7 @@ class FedlrStrategy:
         for msg in replies:
             if msg.has_error():
                 pid = self.partition_of.get(msg.metadata.src_node_id, "?")
-                failures.append(f"client {pid} (node {msg.metadata.src_node_id}): {msg.error.reason}")
+                failures.append(f"client {pid} failed:\n{client_error_text(msg.error.reason, pid)}")
         answered = {m.metadata.src_node_id for m in replies}
         missing = sorted(self.partition_of[m.metadata.dst_node_id] for m in sent if m.metadata.dst_node_id not in answered)
         if missing:

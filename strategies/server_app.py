@@ -11,6 +11,7 @@ Two ways in, one code path (:func:`run_server`):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +121,29 @@ def _arrays_from(state: dict[str, Any]) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(v) for k, v in state.items()})
 
 
-def make_server_app(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) -> ServerApp:
-    """A ServerApp bound to a resolved config (used by ``fedlr run``)."""
+def make_server_app(
+    cfg: Config,
+    out: Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    on_failure: Callable[[BaseException], None] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to a resolved config (used by ``fedlr run``).
+
+    ``on_failure`` runs in the ServerApp thread before the error propagates; the
+    runner uses it to reap clients that hang (Flower would wait for them forever).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg, out, resume=resume, quiet=quiet)
+        try:
+            run_server(grid, cfg, out, resume=resume, quiet=quiet)
+        except BaseException as err:
+            if on_failure is not None:
+                on_failure(err)
+            raise
 
     return app
 

@@ -584,15 +584,22 @@ def decompose_model(
     Raises
     ------
     ValueError
-        On invalid options, or if ρ cannot be reached, in particular when the
-        dense parts (biases, norms, skipped layers) alone exceed it — where
-        [code] silently bottoms out above the budget.
+        On invalid options, if ``skip`` leaves no layer to decompose, or if ρ
+        cannot be reached, in particular when the dense parts (biases, norms,
+        skipped layers) alone exceed it — where [code] silently bottoms out
+        above the budget.
     """
     if not 0 < ratio <= 1:
         raise ValueError(f"fedmud.ratio={ratio}; allowed: 0 < ratio <= 1")
     front, back = skip
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, tuple(_WRAPPERS))]
     chosen = layers[front : len(layers) - back]
+    if not chosen:
+        # Nothing to factorize would silently turn FedMUD into FedAvg.
+        raise ValueError(
+            f"fedmud.skip={front}-{back} leaves none of the model's {len(layers)} Linear/Conv layers "
+            f"to decompose; allowed: front + back < {len(layers)}"
+        )
     total = _num_trainable(model)
     dense = total - sum(m.weight.numel() for _, m in chosen)
     if dense / total > ratio:
