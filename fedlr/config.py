@@ -154,6 +154,9 @@ def _unflatten(flat: Config) -> dict[str, Any]:
 
 def _check_known(key: str) -> Field:
     field = SCHEMA.get(key)
+    table_keys = [k for k in SCHEMA if k.startswith(key + ".")]
+    if field is None and table_keys:
+        raise ConfigError(f"'{key}' is a table, not a value; its keys: {', '.join(table_keys)}")
     if field is None:
         close = difflib.get_close_matches(key, SCHEMA, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(sorted(SCHEMA))}"

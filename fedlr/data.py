@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,30 @@ def _hub_arrays(split) -> tuple[np.ndarray, np.ndarray]:
     return x, np.asarray(split[label], dtype=np.int64)
 
 
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def _force_hub_offline() -> None:
+    """Use only the local Hugging Face cache. Without this, huggingface_hub
+    retries an unreachable host for about 25 s before it gives up."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets.config
+    import huggingface_hub.constants
+
+    # Both libraries read the variable at import time; they may be imported already.
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+
+
 def _hub(cfg: Config) -> tuple[np.ndarray, ...]:
     hub_id = cfg["dataset"][3:]
+    if not _hub_reachable():
+        _force_hub_offline()
     try:
         from flwr_datasets import FederatedDataset
         from flwr_datasets.partitioner import IidPartitioner

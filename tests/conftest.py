@@ -1,0 +1,51 @@
+"""Shared fixtures: an isolated data cache and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# One data cache for the whole test session, away from the user's ~/.cache/fedlr.
+# Set at import time so that Ray actors and CLI subprocesses inherit it.
+_CACHE = Path(os.environ.setdefault("FEDLR_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "fedlr-data")))
+
+TINY = """\
+method = "fedavg"
+dataset = "mnist1d"
+model = "mlp"
+seed = 7
+rounds = 2
+num_clients = 4
+clients_per_round = 2
+partition = "iid"
+local_epochs = 2
+batch_size = 32
+lr = 0.1
+
+[data]
+num_samples = 1000
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``fedlr`` as a user would (a fresh process), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedlr.cli", *args], capture_output=True, text=True, timeout=timeout,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
