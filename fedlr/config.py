@@ -92,6 +92,7 @@ SCHEMA: dict[str, Field] = {
     "lr": Field(float, 0.05, "client learning rate (SGD)", low=0.0, low_open=True),
     "momentum": Field(float, 0.0, "client SGD momentum (a new optimizer every round)", low=0.0, high=1.0),
     "weight_decay": Field(float, 0.0, "client SGD weight decay", low=0.0),
+    "max_failures": Field(int, 0, "failed clients tolerated per round (more fails the run)", low=0),
     # --- data
     "data.num_samples": Field(int, 12000, "MNIST-1D samples generated (80% train, 20% test)", low=100),
     "data.test_fraction": Field(float, 0.2, "held-out fraction for digits and hub sets without a test split",

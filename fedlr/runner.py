@@ -42,30 +42,33 @@ def backend_config(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     }
 
 
-def _reaper(finished: threading.Event) -> Callable[[BaseException], None]:
-    """After a server-side failure, make sure the process can end.
+def _reaper(out: Path, finished: threading.Event) -> Callable[[BaseException | None], None]:
+    """Make sure the process ends once the ServerApp has ended.
 
     Flower's simulation workers block in ``ray.get`` on a client that hangs and
     never notice the stop event, so ``run_simulation`` would not return. Give it
     a grace period, then shut Ray down (which kills the hung actors); as a last
-    resort, report and exit.
+    resort, report the outcome and exit with the run's exit code.
     """
 
-    def on_failure(err: BaseException) -> None:
+    def on_exit(err: BaseException | None) -> None:
         def reap() -> None:
-            if finished.wait(5.0):
+            if finished.wait(10.0):
                 return
             import ray
 
             ray.shutdown()
             if finished.wait(5.0):
                 return
-            print(f"fedlr: run failed: {err}", file=sys.stderr, flush=True)
-            os._exit(1)
+            if err is None:
+                print(f"results: {out.resolve()} (Ray was stopped: a timed-out client never returned)", flush=True)
+            else:
+                print(f"fedlr: run failed: {err}", file=sys.stderr, flush=True)
+            os._exit(0 if err is None else 1)
 
         threading.Thread(target=reap, name="fedlr-reaper", daemon=True).start()
 
-    return on_failure
+    return on_exit
 
 
 def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
     finished = threading.Event()
     try:
         run_simulation(
-            server_app=make_server_app(cfg, out, resume=resume, quiet=quiet, on_failure=_reaper(finished)),
+            server_app=make_server_app(cfg, out, resume=resume, quiet=quiet, on_exit=_reaper(out, finished)),
             client_app=make_client_app(cfg),
             num_supernodes=cfg["num_clients"],
             backend_name="ray",

@@ -106,22 +106,33 @@ class FedlrStrategy:
 
     # ------------------------------------------------------------- failures
     def check_replies(self, server_round: int, sent: list[Message], replies: list[Message]) -> list[Message]:
-        """Raise :class:`ClientFailure` on any error reply or missing reply; return
-        the replies sorted by partition id (aggregation order fixes float sums)."""
-        failures = []
+        """Drop failed clients if there are at most ``max_failures`` of them, else
+        raise :class:`ClientFailure` naming each one with its error.
+
+        A client fails by an error reply (its exception) or by no reply within
+        ``simulation.round_timeout``. Failed partition ids are recorded in the
+        round's ``failed_clients``. A round in which every client failed always
+        fails the run: keeping the old model silently is what fedlr refuses to do.
+        Returns the good replies sorted by partition id (fixed float sums).
+        """
+        errors: dict[int, str] = {}
         for msg in replies:
             if msg.has_error():
-                pid = self.partition_of.get(msg.metadata.src_node_id, "?")
-                failures.append(f"client {pid} failed:\n{client_error_text(msg.error.reason, pid)}")
+                pid = self.partition_of[msg.metadata.src_node_id]
+                errors[pid] = f"client {pid} failed:\n{client_error_text(msg.error.reason, pid)}"
         answered = {m.metadata.src_node_id for m in replies}
-        missing = sorted(self.partition_of[m.metadata.dst_node_id] for m in sent if m.metadata.dst_node_id not in answered)
-        if missing:
-            failures.append(
-                f"clients {missing} sent no reply within simulation.round_timeout = {self.cfg['simulation.round_timeout']} s"
-            )
-        if failures:
-            raise ClientFailure(f"round {server_round}: " + "\n".join(failures))
-        return sorted(replies, key=lambda m: self.partition_of[m.metadata.src_node_id])
+        timeout = self.cfg["simulation.round_timeout"]
+        for msg in sent:
+            if msg.metadata.dst_node_id not in answered:
+                pid = self.partition_of[msg.metadata.dst_node_id]
+                errors[pid] = f"client {pid} sent no reply within simulation.round_timeout = {timeout} s"
+        good = [m for m in replies if not m.has_error()]
+        if len(errors) > self.cfg["max_failures"] or not good:
+            limit = f"{len(errors)} failed, max_failures = {self.cfg['max_failures']}"
+            raise ClientFailure(f"round {server_round} ({limit}): " + "\n".join(errors[p] for p in sorted(errors)))
+        if errors:
+            self.round_extra["failed_clients"] = sorted(errors)
+        return sorted(good, key=lambda m: self.partition_of[m.metadata.src_node_id])
 
     # ------------------------------------------------------------ state (resume)
     def state_dict(self) -> dict[str, Any]:

@@ -127,23 +127,27 @@ def make_server_app(
     *,
     resume: bool = False,
     quiet: bool = False,
-    on_failure: Callable[[BaseException], None] | None = None,
+    on_exit: Callable[[BaseException | None], None] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a resolved config (used by ``fedlr run``).
 
-    ``on_failure`` runs in the ServerApp thread before the error propagates; the
-    runner uses it to reap clients that hang (Flower would wait for them forever).
+    ``on_exit`` runs in the ServerApp thread when the run ends, with the error or
+    None; the runner uses it to reap clients that hang (Flower would wait for
+    them forever, even after a round has gone on without them).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        error: BaseException | None = None
         try:
             run_server(grid, cfg, out, resume=resume, quiet=quiet)
         except BaseException as err:
-            if on_failure is not None:
-                on_failure(err)
+            error = err
             raise
+        finally:
+            if on_exit is not None:
+                on_exit(error)
 
     return app
 

@@ -76,7 +76,7 @@ def test_client_exception_fails_the_run_naming_the_client(tiny_config: Path, tmp
     proc = run_cli("run", str(tiny_config), "--out", str(tmp_path / "f"), "--set", "clients_per_round=4",
                    "--set", "faults.client=3", "--set", "faults.round=2")
     assert proc.returncode == 1
-    assert "\nfedlr: run failed: round 2: client 3 failed:\n" in proc.stderr
+    assert "\nfedlr: run failed: round 2 (1 failed, max_failures = 0): client 3 failed:\n" in proc.stderr
     assert "InjectedFault: faults.client = 3: injected failure in round 2" in proc.stderr
     rows = read_jsonl(tmp_path / "f" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1]  # completed rounds are kept
