@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import json
-import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from fedlr import config as config_mod
 from fedlr.config import Config, ConfigError
+from fedlr.results import write_atomic
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -47,6 +49,7 @@ def prepare_out(out: Path, *, force: bool) -> None:
     if force:
         for name in ("metrics.jsonl", "summary.json", "status.json", "checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "client_state", ignore_errors=True)
 
 
 def _resume_config(run_dir: Path, config_path: str | None, overrides: list[str]) -> Config:
@@ -195,9 +198,6 @@ def _sweep_fields(summary: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    from fedlr.results import write_atomic
-    import io
-
     buf = io.StringIO()
     fields = list(dict.fromkeys(k for r in rows for k in r))
     writer = csv.DictWriter(buf, fieldnames=fields)

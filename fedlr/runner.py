@@ -83,7 +83,7 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
 
     from flwr.simulation import run_simulation
 
-    from clients.client_app import make_client_app
+    from clients.client_app import CLIENT_STATE_DIR, make_client_app
     from strategies import preflight
     from strategies.server_app import make_server_app
 
@@ -102,7 +102,7 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
     try:
         run_simulation(
             server_app=make_server_app(cfg, out, resume=resume, quiet=quiet, on_exit=_reaper(out, finished)),
-            client_app=make_client_app(cfg),
+            client_app=make_client_app(cfg, out / CLIENT_STATE_DIR),
             num_supernodes=cfg["num_clients"],
             backend_name="ray",
             backend_config=backend_config(cfg, verbose),
