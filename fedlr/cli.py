@@ -119,7 +119,7 @@ def _run_name(point: dict[str, Any]) -> str:
 
 SWEEP_FIELDS = (
     "final_accuracy", "best_accuracy", "total_bytes_up", "total_bytes_down",
-    "bytes_up_per_round", "bytes_down_per_round", "epsilon", "wall_s", "status",
+    "bytes_up_per_round", "bytes_down_per_round", "epsilon", "attack_similarity", "wall_s", "status",
 )
 
 
@@ -257,6 +257,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from fedlr.deploy import run_local
+
+    overrides = [*args.set, *( [f"num_clients={args.nodes}"] if args.nodes else [])]
+    cfg = config_mod.load(args.config, overrides)
+    out = Path(args.out) if args.out else _default_out(cfg).with_name("deploy-" + _default_out(cfg).name)
+    prepare_out(out, force=args.force)
+    # The deployed apps read this file (absolute path through flwr's run config).
+    write_atomic(out / "config.toml", config_mod.dumps(cfg))
+    summary = run_local(cfg, out / "config.toml", out, nodes=cfg["num_clients"], quiet=args.quiet)
+    _print_summary(out, summary)
+    return 0
+
+
+def cmd_deploy_compose(args: argparse.Namespace) -> int:
+    from fedlr.deploy import compose_yaml
+
+    if args.nodes < 1:
+        raise UsageError(f"--nodes {args.nodes}: must be an integer >= 1")
+    sys.stdout.write(compose_yaml(args.nodes, tls=args.tls, auth=args.auth, gpus=args.gpus))
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     print(config_mod.describe())
     return 0
@@ -292,6 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--plots", metavar="DIR", help="also write overlaid accuracy curves there")
     report.set_defaults(func=cmd_report)
 
+    deploy = sub.add_parser("deploy", help="run on real Flower SuperLink/SuperNode processes")
+    deploy_sub = deploy.add_subparsers(dest="target", required=True)
+    local = deploy_sub.add_parser("local", help="the experiment on local SuperLink, SuperNodes and SuperExecs")
+    local.add_argument("config")
+    local.add_argument("--nodes", type=int, help="SuperNodes, one per client (sets num_clients)")
+    local.add_argument("--out", help="results directory (default: results/deploy-<method>-<dataset>-<time>)")
+    local.add_argument("--force", action="store_true", help="overwrite results already in --out")
+    common(local)
+    local.set_defaults(func=cmd_deploy_local)
+    compose = deploy_sub.add_parser("compose", help="print the docker-compose file for N SuperNodes")
+    compose.add_argument("--nodes", type=int, default=2)
+    compose.add_argument("--tls", action="store_true", help="serve the SuperLink over TLS (deploy/gen-certs.sh)")
+    compose.add_argument("--auth", action="store_true", help="accept only registered SuperNodes")
+    compose.add_argument("--gpus", action="store_true", help="reserve a GPU for each ClientApp container")
+    compose.set_defaults(func=cmd_deploy_compose)
+
     keys = sub.add_parser("keys", help="every configuration key with its default and allowed values")
     keys.set_defaults(func=cmd_keys)
     return parser
@@ -311,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         from fedlr.data import DatasetUnavailable
         from fedlr.runner import RunFailed
 
-        if isinstance(err, DatasetUnavailable | RunFailed):
+        from fedlr.deploy import DeployFailed
+
+        if isinstance(err, DatasetUnavailable | RunFailed | DeployFailed):
             print(f"fedlr: run failed: {err}", file=sys.stderr)
             return EXIT_FAILED
         raise
