@@ -1,0 +1,218 @@
+"""Benchmarks that report ratios against a reference measured in the same run.
+
+``fedlr bench overhead``
+    The fedlr simulation (Flower + Ray) against a plain PyTorch loop doing the
+    same local training in one process: same model, data, client sampling,
+    batch order and aggregation, so both must reach the same accuracy. Each side
+    runs in a fresh process; wall time includes start-up, peak memory is the
+    summed RSS of the process tree (Ray's processes included).
+``fedlr bench scale``
+    Time per round and peak memory at several clients-per-round, with a large
+    federation of idle clients.
+``fedlr bench methods``
+    Server- and client-side cost of each method's extra work per round, as
+    ratios to FedAvg's local training step on the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from fedlr import config as config_mod
+from fedlr.config import Config
+
+
+# --------------------------------------------------------------- measuring
+def measure(argv: list[str], poll_s: float = 0.1) -> dict[str, float]:
+    """Run ``argv`` and return its wall time and the peak RSS of its process tree."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(_rss(p) for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(poll_s)
+    wall = time.perf_counter() - t0
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} … failed:\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, **result}
+
+
+def _rss(p: psutil.Process) -> int:
+    try:
+        return p.memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+# -------------------------------------------------------- the two workloads
+def plain_loop(cfg: Config) -> dict[str, Any]:
+    """FedAvg as a plain PyTorch loop in one process, mirroring fedlr exactly:
+    the same sampling (``sample_partitions``), batch seeds, aggregation order
+    (partition id) and weighting (``num-examples``)."""
+    import torch
+
+    from clients.trainer import TRAIN_STREAM
+    from fedlr.data import load_federated_data
+    from fedlr.models import build_model
+    from fedlr.training import derive_seed, evaluate, local_sgd
+    from strategies.base import sample_partitions
+
+    data = load_federated_data(cfg)
+    global_model = build_model(cfg, data.input_shape, data.num_classes)
+    local = build_model(cfg, data.input_shape, data.num_classes)
+    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    for server_round in range(1, cfg["rounds"] + 1):
+        pids = sample_partitions(cfg["seed"], server_round, cfg["num_clients"], cfg["clients_per_round"])
+        total = sum(len(data.partitions[p]) for p in pids)
+        acc: dict[str, torch.Tensor] = {}
+        for pid in pids:
+            local.load_state_dict(global_model.state_dict())
+            x, y = (torch.from_numpy(a) for a in data.client(pid))
+            local_sgd(local, x, y, epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+                      momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                      seed=derive_seed(cfg["seed"], TRAIN_STREAM, server_round, pid))
+            w = len(y) / total
+            for k, v in local.state_dict().items():
+                acc[k] = acc[k] + v * w if k in acc else v * w
+        global_model.load_state_dict(acc)
+        metrics = evaluate(global_model, x_test, y_test)
+    return {"final_accuracy": metrics["test_accuracy"]}
+
+
+def fedlr_sim(cfg: Config) -> dict[str, Any]:
+    from fedlr.runner import run_experiment
+
+    with tempfile.TemporaryDirectory() as out:
+        summary = run_experiment(cfg, Path(out), quiet=True)
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    # Round wall times without start-up (round 0 is the initial evaluation).
+    return {"final_accuracy": summary["final_accuracy"], "startup_s": rows[0]["wall_s"],
+            "rounds_s": rows[-1]["wall_s"] - rows[0]["wall_s"]}
+
+
+def _worker(kind: str, cfg_path: str) -> None:
+    cfg = config_mod.load(cfg_path)
+    result = plain_loop(cfg) if kind == "plain" else fedlr_sim(cfg)
+    print(json.dumps(result))
+
+
+def _run(kind: str, cfg: Config) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.toml"
+        path.write_text(config_mod.dumps(cfg))
+        return measure([sys.executable, "-m", "fedlr.bench", kind, str(path)])
+
+
+# ------------------------------------------------------------------ benches
+OVERHEAD_DEFAULTS = {
+    "dataset": "digits", "model": "cnn", "num_clients": 100, "clients_per_round": 10, "rounds": 30,
+    "partition": "iid", "local_epochs": 1, "batch_size": 32, "lr": 0.05,
+}
+
+
+def bench_overhead(overrides: dict[str, Any]) -> str:
+    cfg = config_mod.resolve({**OVERHEAD_DEFAULTS, **overrides})
+    from fedlr.data import load_federated_data
+
+    load_federated_data(cfg)  # both sides then read the same warm cache
+    plain, sim = _run("plain", cfg), _run("sim", cfg)
+    same = "yes" if abs(plain["final_accuracy"] - sim["final_accuracy"]) < 1e-9 else "NO"
+    return "\n".join([
+        f"overhead: {cfg['dataset']}, model {cfg['model']}, {cfg['num_clients']} clients, "
+        f"{cfg['clients_per_round']} per round, {cfg['rounds']} rounds (start-up included)",
+        "| | plain PyTorch loop | fedlr (Flower + Ray) | ratio |",
+        "|---|---:|---:|---:|",
+        f"| wall time | {plain['wall_s']:.1f} s | {sim['wall_s']:.1f} s | {sim['wall_s'] / plain['wall_s']:.2f}x |",
+        f"| peak memory (process tree RSS) | {plain['peak_rss_mb']:.0f} MB | {sim['peak_rss_mb']:.0f} MB | "
+        f"{sim['peak_rss_mb'] / plain['peak_rss_mb']:.2f}x |",
+        f"| final accuracy | {plain['final_accuracy']:.4f} | {sim['final_accuracy']:.4f} | identical: {same} |",
+        f"fedlr: {sim['startup_s']:.1f} s before round 1 (Ray start, actors, node discovery), "
+        f"{sim['rounds_s'] / cfg['rounds']:.2f} s per round after it",
+    ])
+
+
+def bench_scale(overrides: dict[str, Any], per_round: list[int]) -> str:
+    rows = ["| clients per round | time per round | peak memory | time per client |", "|---:|---:|---:|---:|"]
+    base = {**OVERHEAD_DEFAULTS, "num_clients": 10_000, "rounds": 3, "model": "mlp",
+            "data.min_partition_size": 0, **overrides}
+    for k in per_round:
+        cfg = config_mod.resolve({**base, "clients_per_round": k})
+        res = _run("sim", cfg)
+        per = res["rounds_s"] / cfg["rounds"]
+        rows.append(f"| {k} | {per:.2f} s | {res['peak_rss_mb']:.0f} MB | {1000 * per / k:.1f} ms |")
+    return f"scale: {base['num_clients']} clients in total, {base['rounds']} rounds each\n" + "\n".join(rows)
+
+
+def _timeit(fn, repeat: int = 5) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def bench_methods() -> str:
+    """Per-round extra cost of each method, relative to FedAvg's local training."""
+    import numpy as np
+    import torch
+
+    from fedlr.lowrank import lora, mud
+    from fedlr.models import build_model
+    from fedlr.training import local_sgd
+
+    cfg = config_mod.resolve({})  # the MLP 40-256-256-10 of the FedMUD spec
+    x = torch.randn(320, 1, 40)
+    y = torch.randint(0, 10, (320,))
+    model = build_model(cfg, (1, 40), 10)
+    fedavg = _timeit(lambda: local_sgd(model, x, y, epochs=1, batch_size=32, lr=0.01, seed=0))
+    rows = [("FedAvg local training (reference)", fedavg)]
+
+    dmodel = mud.decompose_model(build_model(cfg, (1, 40), 10), "bkd", "aad", 1 / 32, 5.0)
+    mud.reset_round(dmodel, 0, 1)
+    specs = mud.layer_specs(dmodel)
+    factors = mud.model_factors(dmodel)
+    rows.append(("FedMUD client: BKD+AAD local training", _timeit(
+        lambda: local_sgd(dmodel, x, y, epochs=1, batch_size=32, lr=0.01, seed=0))))
+    rows.append(("FedMUD server: rebuild ΔW from factors (per client)", _timeit(
+        lambda: mud.model_deltas(specs, factors, 0, 1))))
+
+    b, a = torch.randn(256, 8), torch.randn(8, 256)
+    rows.append(("FedSVD server: QR re-factorization, 256x256 rank 8 (per layer)", _timeit(
+        lambda: lora.refactorize(b, a))))
+
+    from fedlr.privacy.dpsgd import ClientAccountant, dp_local_sgd
+
+    dp_model = build_model(cfg, (1, 40), 10)
+    rows.append(("DP-SGD client: local training with per-sample clipping", _timeit(
+        lambda: dp_local_sgd(dp_model, x, y, epochs=1, batch_size=32, lr=0.01, noise_multiplier=1.0,
+                             max_grad_norm=1.0, accountant=ClientAccountant(), seed=0), repeat=3)))
+
+    from fedlr.pricing import design
+
+    rng = np.random.default_rng(0)
+    costs, values = np.array([0.8, 0.3]), np.array([1.0, 1.0])  # (c_lo, c_hi): high τ costs less
+    rows.append(("DaringFed server: OII equilibrium (per arrival)", _timeit(
+        lambda: design.oii_design(float(rng.uniform(0.1, 0.9)), costs, values, 2.0), repeat=200)))
+
+    lines = ["| work | time | ratio to FedAvg local training |", "|---|---:|---:|"]
+    lines += [f"| {name} | {1000 * t:.2f} ms | {t / fedavg:.3f} |" for name, t in rows]
+    return "methods: MLP 40-256-256-10, one client with 320 examples, 1 local epoch\n" + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
