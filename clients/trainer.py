@@ -14,10 +14,15 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from torch import nn
 
+from clients.daringfed_trainer import train_daringfed
+from clients.fedmud_trainer import train_fedmud
+from clients.fedsvd_trainer import train_lora
+from clients.ldp_release import open_release
+from clients.local_training import train_local
 from fedlr.config import Config
 from fedlr.data import load_federated_data
 from fedlr.models import build_model
-from fedlr.training import derive_seed, local_sgd
+from fedlr.training import derive_seed
 
 TRAIN_STREAM = 2  # seed stream of local batch order (see strategies.base.SAMPLING_STREAM)
 
@@ -47,8 +52,9 @@ def _limit_threads(cfg: Config) -> None:
 
 
 def train_dense(cfg: Config, partition_id: int, content: RecordDict, context: Context) -> RecordDict:
-    """Dense local training (FedAvg, FedProx, FedAdam): load the global model,
-    run local SGD on this partition, return the new weights and ``num-examples``."""
+    """Dense local training (FedAvg, FedProx, FedAdam, FedRE): load the global model,
+    run local SGD (or DP-SGD, ``privacy.mechanism``) on this partition, return
+    the new weights, ``num-examples`` and ``train_loss`` (under DP: ``epsilon``)."""
     _limit_threads(cfg)
     dev = device()
     data = load_federated_data(cfg)
@@ -58,26 +64,33 @@ def train_dense(cfg: Config, partition_id: int, content: RecordDict, context: Co
     num_examples = len(y)
     config = content["config"]
     server_round = int(config["server-round"])
-    loss = local_sgd(
-        model, x, y,
-        epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-        momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+    release = open_release(cfg, partition_id, server_round, model, context)  # None unless privacy.mechanism = "ldp"
+    train_metrics = train_local(
+        cfg, model, x, y, context=context,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         seed=derive_seed(cfg["seed"], TRAIN_STREAM, server_round, partition_id),
     )
-    arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    upload = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if release is not None:
+        # LDP: send global + ũ (same format for every server) and the budgets instead of the unprotected loss.
+        upload, train_metrics = release.privatize(upload, content["arrays"].to_torch_state_dict())
+    arrays = ArrayRecord(upload)
     if dev.type == "cuda":
         # Several clients share one GPU by fractional num_gpus: give memory back.
         del x, y
         torch.cuda.empty_cache()
-    metrics = MetricRecord({"num-examples": num_examples, "train_loss": loss})
+    metrics = MetricRecord({"num-examples": num_examples, **train_metrics})
     return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
 # method -> client-side training; a method's trainer receives the node's Context
 # so it can keep per-client state (``context.state``) across rounds.
 Trainer = Callable[[Config, int, RecordDict, Context], RecordDict]
-TRAINERS: dict[str, Trainer] = {"fedavg": train_dense, "fedprox": train_dense, "fedadam": train_dense}
+TRAINERS: dict[str, Trainer] = {
+    "fedavg": train_dense, "fedprox": train_dense, "fedadam": train_dense, "fedmud": train_fedmud,
+    "fedsvd": train_lora, "ffa-lora": train_lora, "fedavg-lora": train_lora, "fedre": train_dense,
+    "daringfed": train_daringfed,
+}
 
 
 def train(cfg: Config, partition_id: int, content: RecordDict, context: Context) -> RecordDict:

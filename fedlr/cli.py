@@ -119,7 +119,8 @@ def _run_name(point: dict[str, Any]) -> str:
 
 SWEEP_FIELDS = (
     "final_accuracy", "best_accuracy", "total_bytes_up", "total_bytes_down",
-    "bytes_up_per_round", "bytes_down_per_round", "epsilon", "attack_similarity", "wall_s", "status",
+    "bytes_up_per_round", "bytes_down_per_round", "epsilon", "attack_similarity", "server_utility",
+    "participation_rate", "wall_s", "status",
 )
 
 
@@ -280,6 +281,23 @@ def cmd_deploy_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedlr import bench
+
+    overrides = dict(config_mod.parse_override(o) for o in args.set)
+    if args.name == "overhead":
+        print(bench.bench_overhead(overrides))
+    elif args.name == "scale":
+        try:
+            per_round = [int(v) for v in args.per_round.split(",")]
+        except ValueError:
+            raise UsageError(f"--per-round {args.per_round!r}: expected integers like 10,100,1000") from None
+        print(bench.bench_scale(overrides, per_round))
+    else:
+        print(bench.bench_methods())
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     print(config_mod.describe())
     return 0
@@ -330,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("--auth", action="store_true", help="accept only registered SuperNodes")
     compose.add_argument("--gpus", action="store_true", help="reserve a GPU for each ClientApp container")
     compose.set_defaults(func=cmd_deploy_compose)
+
+    bench = sub.add_parser("bench", help="benchmarks with ratios against a reference in the same run")
+    bench.add_argument("name", choices=("overhead", "scale", "methods"))
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the workload")
+    bench.add_argument("--per-round", default="10,100,1000", help="scale: clients per round to measure")
+    bench.set_defaults(func=cmd_bench)
 
     keys = sub.add_parser("keys", help="every configuration key with its default and allowed values")
     keys.set_defaults(func=cmd_keys)

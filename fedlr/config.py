@@ -33,8 +33,8 @@ class Field:
     """One configuration key.
 
     ``kind`` is ``int``, ``float``, ``str`` or ``bool``. ``choices`` restricts a
-    ``str``; ``low``/``high`` bound a number (``low_open`` makes the lower
-    bound strict). ``default`` of ``None`` means "resolved from other keys".
+    ``str``; ``low``/``high`` bound a number (``low_open``/``high_open`` make
+    the lower/upper bound strict). ``default`` of ``None`` means "resolved from other keys".
     """
 
     kind: type
@@ -44,6 +44,7 @@ class Field:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
     # A str key may also take values matched by this predicate (e.g. "hf:<id>").
     extra: Callable[[str], bool] | None = None
     extra_help: str = ""
@@ -54,7 +55,8 @@ class Field:
             return text + (f" or {self.extra_help}" if self.extra_help else "")
         name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[self.kind]
         if self.low is not None and self.high is not None:
-            return f"{name} in {'(' if self.low_open else '['}{_fmt(self.low)}, {_fmt(self.high)}]"
+            return (f"{name} in {'(' if self.low_open else '['}{_fmt(self.low)}, "
+                    f"{_fmt(self.high)}{')' if self.high_open else ']'}")
         if self.low is not None:
             return f"{name} {'>' if self.low_open else '>='} {_fmt(self.low)}"
         return name
@@ -64,10 +66,23 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-METHODS = ("fedavg", "fedprox", "fedadam", "fedmud")
+# FedSVD and its two baselines (shared/specs/fedsvd.md §5); fedlr.lowrank.lora.LORA_METHODS.
+LORA_METHODS = ("fedsvd", "ffa-lora", "fedavg-lora")
+METHODS = ("fedavg", "fedprox", "fedadam", "fedmud", *LORA_METHODS, "fedre", "daringfed")
 OFFLINE_DATASETS = ("mnist1d", "digits")
 MODELS = ("mlp", "cnn1d", "cnn", "cnn4")
 PARTITIONS = ("iid", "dirichlet", "pathological")
+# privacy.mechanism values; each one's checks are keyed on its name in resolve().
+PRIVACY_MECHANISMS = ("none", "dpsgd", "ldp")
+# Methods whose client trainer runs DP-SGD under privacy.mechanism = "dpsgd".
+DPSGD_METHODS = ("fedavg", "fedprox", "fedadam", *LORA_METHODS)
+# Models with hidden Linear layers for LoRA (the head, their last Linear, stays frozen).
+LORA_MODELS = ("mlp", "cnn")
+# Layer-wise LDP (FedRE, shared/specs/fedre.md): sensitive-feature mask families by the
+# number of spatial input dimensions (§3), and the methods whose client trainer releases
+# its upload through fedlr.privacy.ldp under privacy.mechanism = "ldp".
+LDP_MASKS = {1: ("w0", "w1", "w2"), 2: ("center", "left", "top")}
+LDP_METHODS = ("fedavg", "fedprox", "fedadam", "fedre", *LORA_METHODS)
 
 SCHEMA: dict[str, Field] = {
     # --- the experiment
@@ -98,6 +113,8 @@ SCHEMA: dict[str, Field] = {
     "data.test_fraction": Field(float, 0.2, "held-out fraction for digits and hub sets without a test split",
                                 low=0.0, high=0.9, low_open=True),
     "data.min_partition_size": Field(int, 1, "Dirichlet re-draws until every client has this many samples", low=0),
+    "data.classes": Field(str, "", "the task: '' = every class; '5-9' or '1,3,7' keeps those classes, "
+                                   "relabelled 0, 1, ... in the order given"),
     # --- simulation engine
     "simulation.num_cpus": Field(float, 1.0, "CPUs per client actor", low=0.0, low_open=True),
     "simulation.num_gpus": Field(float, 0.0, "GPUs per client actor (fractional allowed)", low=0.0),
@@ -124,6 +141,77 @@ SCHEMA: dict[str, Field] = {
     "fedmud.target": Field(str, "update", "what is factorized: the round's update (MUD) or the weight (FedLMT)",
                            choices=("update", "weight")),
     "fedmud.skip": Field(str, "0-0", "'F-L': the first F and last L Linear/Conv layers stay dense"),
+    # LoRA fine-tuning: fedsvd, ffa-lora, fedavg-lora (Lee et al., NeurIPS 2025, arXiv 2505.12805;
+    # shared/specs/fedsvd.md §2, §4, §6)
+    "fedsvd.rank": Field(int, 8, "LoRA rank r of every adapted Linear layer", low=1),
+    "fedsvd.alpha": Field(float, None, "LoRA scaling alpha, the adapter output is scaled by alpha/r "
+                                       "(default: fedsvd.rank)", low=0.0, low_open=True),
+    "fedsvd.svd_period": Field(int, 1, "FedSVD re-factorizes B·A every svd_period rounds", low=1),
+    "fedsvd.solver": Field(str, "qr", "FedSVD's SVD: exact QR route or randomized (torch.svd_lowrank)",
+                           choices=("qr", "randomized")),
+    "fedsvd.max_grad_norm": Field(float, 1.0, "global gradient-norm clip of non-private LoRA training "
+                                              "(0: off; DP-SGD clips per example with privacy.clip)", low=0.0),
+    "fedsvd.pretrained": Field(str, "", "state dict of the frozen base model; '' = fedlr pretrains it "
+                                        "on fedsvd.source_classes and caches it"),
+    "fedsvd.source_classes": Field(str, "0-4", "classes of the source task fedlr pretrains on; disjoint "
+                                               "from data.classes and as many"),
+    "fedsvd.pretrain_epochs": Field(int, 30, "epochs of central pretraining (Adam, lr 1e-3)", low=1),
+    # Privacy (composes with every method in DPSGD_METHODS; shared/specs/fedsvd.md §3)
+    "privacy.mechanism": Field(str, "none", "what protects the clients' data", choices=PRIVACY_MECHANISMS),
+    "privacy.epsilon": Field(float, 6.0, "dpsgd: per-client example-level budget epsilon for the whole run; "
+                                         "ldp: the budget of every single upload (per release)",
+                             low=0.0, low_open=True),
+    "privacy.delta": Field(float, 1e-5, "per-client delta", low=0.0, high=1.0, low_open=True, high_open=True),
+    "privacy.clip": Field(float, 2.0, "dpsgd: per-example gradient-norm bound C; ldp: L2 bound C of a "
+                                      "client's whole update", low=0.0, low_open=True),
+    "privacy.accountant": Field(str, "rdp", "Opacus accountant, used for calibration and tracking alike",
+                                choices=("rdp", "prv")),
+    # Layer-wise LDP (FedRE, Xiao et al., arXiv 2505.04889; shared/specs/fedre.md §2-§7):
+    # privacy.mechanism = "ldp" with privacy.epsilon, .delta, .clip as above.
+    "privacy.allocation": Field(str, "sensitivity", "ldp: split of a release's budget over layers, equal or "
+                                                    "less to layers with more sensitive information",
+                                choices=("uniform", "sensitivity")),
+    "privacy.ldp_noise": Field(str, "gaussian", "ldp: analytic Gaussian (epsilon, delta) or Laplace (pure epsilon)",
+                               choices=("gaussian", "laplace")),
+    "privacy.beta": Field(float, 4.0, "ldp: sharpness of the sensitivity allocation exp(-beta*PSI)", low=0.0),
+    "privacy.tiers": Field(str, "1", "ldp: budget multipliers dealt to the clients, e.g. '1,0.25' makes half "
+                                     "of them 4x stricter"),
+    "privacy.masks": Field(str, None, "ldp: sensitive-feature mask families dealt to the clients (default: all "
+                                      "of the dataset's: 'w0,w1,w2' for 1-D inputs, 'center,left,top' for images)"),
+    "privacy.epsilon_total": Field(float, 0.0, "ldp: cap on a client's cumulative epsilon; it stops "
+                                               "participating before exceeding it (0: no cap)", low=0.0),
+    "privacy.tau2": Field(str, "estimate", "fedre: between-client variance tau^2 of the aggregation weights, "
+                                           "estimated or zero (pure inverse-variance)", choices=("estimate", "zero")),
+    "privacy.attack": Field(bool, False, "ldp: at the end, invert single-sample releases of the first layer "
+                                         "and report attack_similarity in summary.json"),
+    "privacy.attack_probes": Field(int, 100, "ldp: public samples the attack inverts per mask family", low=1),
+    # DaringFed pricing (Xin et al., IJCAI 2025, arXiv 2505.05842; shared/specs/daringfed.md §2, §5, §8):
+    # method = "daringfed", one arriving client per round. Choices mirror fedlr.pricing.SCHEMES / TII_DESIGNS
+    # (kept literal so that reading a config does not import SciPy; tests check they agree).
+    "pricing.scheme": Field(str, "persuasion", "daringfed: signaling and pricing design of every arrival "
+                                               "(full-information: oracle benchmark)",
+                            choices=("persuasion", "full-information", "no-signal", "full-disclosure", "fixed-price")),
+    "pricing.tii_design": Field(str, "ce", "daringfed persuasion under two-sided incomplete information: "
+                                           "inflated-cost ('ce', fast) or type-belief ('distributional', slow)",
+                                choices=("ce", "distributional")),
+    "pricing.tii": Field(bool, True, "daringfed persuasion: false = OII oracle ablation (the server is told the "
+                                     "client's true CPU frequency)"),
+    "pricing.mu": Field(float, 0.5, "daringfed: true probability of the high-bandwidth state tau_hi",
+                        low=0.0, high=1.0),
+    "pricing.value_factor": Field(float, 1.5, "daringfed: server value V = value_factor x median prior-expected "
+                                              "client cost", low=0.0, low_open=True),
+    "pricing.psi_share": Field(float, 0.2, "daringfed: bandwidth price, psi*tau_hi as a share of the value",
+                               low=0.0, high=1.0, high_open=True),
+    "pricing.budget_factor": Field(float, 0.5, "daringfed: budget B = budget_factor x rounds x median "
+                                               "prior-expected cost", low=0.0, low_open=True),
+    "pricing.gamma_cap": Field(float, 0.0, "daringfed: cap on any single price, on top of B_left/(T-t+1) "
+                                           "(0: none)", low=0.0),
+    "pricing.eps_loc": Field(float, 0.1, "daringfed: local-model error in V = value(1 - eps_loc) - psi*tau "
+                                         "(not a privacy budget)", low=0.0, high=1.0, high_open=True),
+    "pricing.time_noise": Field(float, 0.05, "daringfed: relative sd of a client's measured computation time",
+                                low=0.0),
+    "pricing.arrival_rate": Field(float, 1.0, "daringfed: Poisson arrival rate (1/s) of the simulated clock",
+                                  low=0.0, low_open=True),
 }
 
 # Resolved defaults that depend on other keys.
@@ -186,9 +274,39 @@ def _coerce(key: str, value: Any, field: Field) -> Any:
             raise bad
     if field.low is not None and (value <= field.low if field.low_open else value < field.low):
         raise bad
-    if field.high is not None and value > field.high:
+    if field.high is not None and (value >= field.high if field.high_open else value > field.high):
         raise bad
     return value
+
+
+def parse_classes(text: str) -> tuple[int, ...]:
+    """Class ids of a class list such as ``data.classes``, in the order given.
+
+    ``""`` gives ``()`` (no selection); ``"5-9"``, ``"1,3,7"`` and ``"0-2,7"``
+    give ranges and single ids. Raises ``ValueError`` (a bare reason) on
+    anything else or on a repeated class.
+    """
+    if not text.strip():
+        return ()
+    classes: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        low, sep, high = part.partition("-")
+        if not (low.isascii() and low.isdigit() and (not sep or (high.isascii() and high.isdigit()))):
+            raise ValueError("must be '' or class ids and ranges such as '5-9' or '1,3,7'")
+        first, last = int(low), int(high) if sep else int(low)
+        if last < first:
+            raise ValueError(f"range '{part}' is empty")
+        classes.extend(range(first, last + 1))
+    if len(set(classes)) != len(classes):
+        raise ValueError("names a class twice")
+    return tuple(classes)
+
+
+def _classes(cfg: Config, key: str) -> tuple[int, ...]:
+    try:
+        return parse_classes(cfg[key])
+    except ValueError as err:
+        raise ConfigError(f"{key} = {cfg[key]!r}: {err}") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -238,6 +356,7 @@ def resolve(raw: Config, overrides: Iterable[tuple[str, Any]] = ()) -> Config:
         cfg["model"] = DATASET_DEFAULT_MODEL.get(dataset, "cnn")
     if cfg["width"] is None:
         cfg["width"] = 256 if dataset == "mnist1d" else 128
+    _resolve_pricing(cfg)  # before the generic clients_per_round check: daringfed's message is more precise
     if cfg["clients_per_round"] > cfg["num_clients"]:
         raise ConfigError(
             f"clients_per_round = {cfg['clients_per_round']}: must be between 1 and num_clients "
@@ -278,7 +397,144 @@ def resolve(raw: Config, overrides: Iterable[tuple[str, Any]] = ()) -> Config:
             f"fedmud.target = 'weight': needs fedmud.decomposition = 'lowrank' and fedmud.aggregation = 'naive' "
             f"(the FedLMT baseline), got {cfg['fedmud.decomposition']!r} and {cfg['fedmud.aggregation']!r}"
         )
+    _resolve_task_lora_privacy(cfg)
+    _resolve_ldp(cfg)
     return dict(sorted(cfg.items()))
+
+
+def _resolve_task_lora_privacy(cfg: Config) -> None:
+    """Checks and defaults of ``data.classes``, ``fedsvd.*`` and ``privacy.*``, in place."""
+    dataset, method = cfg["dataset"], cfg["method"]
+    num_classes = NUM_CLASSES_OFFLINE.get(dataset)
+    target = _classes(cfg, "data.classes")
+    for key, classes in (("data.classes", target), ("fedsvd.source_classes", _classes(cfg, "fedsvd.source_classes"))):
+        if num_classes and classes and max(classes) >= num_classes:
+            raise ConfigError(f"{key} = {cfg[key]!r}: {dataset!r} has classes 0-{num_classes - 1}")
+    if target and cfg["partition"] == "pathological" and cfg["classes_per_client"] > len(target):
+        raise ConfigError(
+            f"classes_per_client = {cfg['classes_per_client']}: must be between 1 and {len(target)} "
+            f"(the classes of data.classes = {cfg['data.classes']!r})"
+        )
+    if cfg["fedsvd.alpha"] is None:
+        cfg["fedsvd.alpha"] = float(cfg["fedsvd.rank"])  # α = r (spec §4)
+    if cfg["fedsvd.pretrained"]:
+        # Absolute, because `flwr run` runs the app from another working directory.
+        cfg["fedsvd.pretrained"] = str(Path(cfg["fedsvd.pretrained"]).expanduser().resolve())
+    if method in LORA_METHODS:
+        if cfg["model"] not in LORA_MODELS:
+            raise ConfigError(
+                f"model = {cfg['model']!r}: LoRA (method = {method!r}) adapts hidden Linear layers under a frozen "
+                f"head; use one of {', '.join(repr(m) for m in LORA_MODELS)}"
+            )
+        if not cfg["fedsvd.pretrained"]:
+            _check_task_shift(cfg, target)
+    if cfg["privacy.mechanism"] == "dpsgd":
+        if cfg["norm"] == "batch":
+            raise ConfigError(
+                "norm = 'batch': BatchNorm mixes the examples of a batch, which DP-SGD (privacy.mechanism = "
+                "'dpsgd') cannot allow; use 'group' or 'none'"
+            )
+        if method not in DPSGD_METHODS:
+            raise ConfigError(
+                f"privacy.mechanism = 'dpsgd': not available for method = {method!r}; "
+                f"methods with DP-SGD clients: {', '.join(DPSGD_METHODS)}"
+            )
+
+
+def _check_task_shift(cfg: Config, target: tuple[int, ...]) -> None:
+    """fedlr pretrains W₀ on the source classes' training examples, so they must
+    not be the clients' (private) examples, and the frozen head needs one output
+    per target class (shared/specs/fedsvd.md §6; README "FedSVD and DP-SGD")."""
+    source = _classes(cfg, "fedsvd.source_classes")
+    if not source:
+        raise ConfigError("fedsvd.source_classes = '': must name the source task's classes, e.g. '0-4' "
+                          "(or give a model in fedsvd.pretrained)")
+    if not target or set(source) & set(target):
+        shared = "every class" if not target else f"classes {sorted(set(source) & set(target))}"
+        raise ConfigError(
+            f"data.classes = {cfg['data.classes']!r}: shares {shared} with fedsvd.source_classes = "
+            f"{cfg['fedsvd.source_classes']!r}, whose training examples fedlr pretrains on; the clients' task must "
+            "use other classes, e.g. data.classes = '5-9' with source '0-4'"
+        )
+    if len(source) != len(target):
+        raise ConfigError(
+            f"data.classes = {cfg['data.classes']!r}: has {len(target)} classes but fedsvd.source_classes = "
+            f"{cfg['fedsvd.source_classes']!r} has {len(source)}; the frozen head needs as many"
+        )
+
+
+def parse_tiers(text: str) -> tuple[float, ...]:
+    """Budget multipliers of ``privacy.tiers`` such as ``"1,0.25"`` (shared/specs/fedre.md §3).
+
+    Raises ``ValueError`` (a bare reason) on anything but positive finite numbers.
+    """
+    try:
+        tiers = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError("must be positive numbers separated by commas, e.g. '1' or '1,0.25'") from None
+    if not all(math.isfinite(m) and m > 0 for m in tiers):
+        raise ValueError("every multiplier must be a positive finite number, e.g. '1' or '1,0.25'")
+    return tiers
+
+
+def _resolve_ldp(cfg: Config) -> None:
+    """Checks and defaults of layer-wise LDP (``privacy.*`` under ``"ldp"``, method ``fedre``), in place."""
+    method, mechanism = cfg["method"], cfg["privacy.mechanism"]
+    # Hub datasets are image classification; MNIST-1D is the one 1-D set.
+    families = LDP_MASKS[1 if cfg["dataset"] == "mnist1d" else 2]
+    if cfg["privacy.masks"] is None:
+        cfg["privacy.masks"] = ",".join(families)
+    masks = [m.strip() for m in cfg["privacy.masks"].split(",")]
+    if not all(m in families for m in masks) or len(set(masks)) != len(masks):
+        raise ConfigError(
+            f"privacy.masks = {cfg['privacy.masks']!r}: must be distinct mask families of {cfg['dataset']!r} "
+            f"separated by commas, from {', '.join(repr(m) for m in families)}"
+        )
+    cfg["privacy.masks"] = ",".join(masks)
+    try:
+        parse_tiers(cfg["privacy.tiers"])
+    except ValueError as err:
+        raise ConfigError(f"privacy.tiers = {cfg['privacy.tiers']!r}: {err}") from None
+    if method == "fedre" and mechanism != "ldp":
+        raise ConfigError(
+            f"method = 'fedre': needs privacy.mechanism = 'ldp' (it weights clients by their LDP noise), "
+            f"got {mechanism!r}"
+        )
+    if mechanism == "ldp":
+        if method not in LDP_METHODS:
+            raise ConfigError(
+                f"privacy.mechanism = 'ldp': not available for method = {method!r}; "
+                f"methods with LDP clients: {', '.join(LDP_METHODS)}"
+            )
+        if cfg["norm"] == "batch":
+            raise ConfigError(
+                "norm = 'batch': BatchNorm's running statistics would be uploaded without noise under "
+                "privacy.mechanism = 'ldp'; use 'group' or 'none'"
+            )
+    if cfg["privacy.attack"]:
+        if mechanism != "ldp":
+            raise ConfigError(
+                f"privacy.attack = true: attacks LDP releases; needs privacy.mechanism = 'ldp', got {mechanism!r}"
+            )
+        if cfg["model"] != "mlp" or method in LORA_METHODS:
+            raise ConfigError(
+                f"privacy.attack = true: inverts the dense update of a Linear first layer with bias; needs model "
+                f"'mlp' and a dense method, got model = {cfg['model']!r}, method = {method!r}"
+            )
+
+
+def _resolve_pricing(cfg: Config) -> None:
+    """Checks of DaringFed (``method = "daringfed"``, ``pricing.*``; shared/specs/daringfed.md §3, §8)."""
+    if cfg["method"] == "daringfed" and cfg["clients_per_round"] != 1:
+        raise ConfigError(
+            f"clients_per_round = {cfg['clients_per_round']}: method = 'daringfed' serves one arriving client per "
+            "round (rounds = arrivals); set clients_per_round = 1"
+        )
+    if not cfg["pricing.tii"] and cfg["pricing.scheme"] != "persuasion":
+        raise ConfigError(
+            f"pricing.tii = false: the OII oracle ablation of pricing.scheme = 'persuasion' only, "
+            f"got pricing.scheme = {cfg['pricing.scheme']!r}"
+        )
 
 
 def load(path: str | Path, overrides: Iterable[str] = ()) -> Config:

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlr.config import Config
+from fedlr.config import Config, parse_classes
 
 DATA_KEYS = (
     "dataset", "seed", "num_clients", "partition", "alpha", "classes_per_client",
-    "data.num_samples", "data.test_fraction", "data.min_partition_size",
+    "data.num_samples", "data.test_fraction", "data.min_partition_size", "data.classes",
 )
+# The keys that determine the whole dataset before any class selection or partitioning.
+RAW_KEYS = ("dataset", "seed", "data.num_samples", "data.test_fraction")
 
 
 class DatasetUnavailable(RuntimeError):
@@ -163,6 +165,48 @@ def _hub(cfg: Config) -> tuple[np.ndarray, ...]:
     return x, y, x_te, y_te
 
 
+# ------------------------------------------------------- tasks (class subsets)
+_RAW: dict[tuple, tuple[np.ndarray, ...]] = {}
+
+
+def _raw(cfg: Config) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_test, y_test) of the whole dataset; the last one is
+    kept in memory, so the federated task and a pretraining task of the same
+    dataset (fedlr.pretrain) generate MNIST-1D only once per process."""
+    key = tuple(cfg[k] for k in RAW_KEYS)
+    if key not in _RAW:
+        _RAW.clear()
+        _RAW[key] = {"mnist1d": _mnist1d, "digits": _digits}.get(cfg["dataset"], _hub)(cfg)
+    return _RAW[key]
+
+
+def select_classes(x: np.ndarray, y: np.ndarray, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The examples of ``classes``, relabelled by position: ``classes[i]`` becomes ``i``."""
+    lookup = np.full(max(int(y.max()), *classes) + 1, -1, dtype=np.int64)
+    lookup[list(classes)] = np.arange(len(classes))
+    keep = lookup[y] >= 0
+    return x[keep], lookup[y[keep]]
+
+
+def load_task(cfg: Config, classes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_test, y_test) restricted to ``classes`` (all if empty).
+
+    A task is a set of classes of one dataset. ``data.classes`` selects the
+    federated task; ``fedlr.pretrain`` loads the disjoint source task of LoRA
+    fine-tuning with the same function, so both see the same split of every example.
+    """
+    x_tr, y_tr, x_te, y_te = _raw(cfg)
+    if not classes:
+        return x_tr, y_tr, x_te, y_te
+    absent = sorted(set(classes) - set(np.unique(y_tr).tolist()))
+    if absent:
+        raise DatasetUnavailable(
+            f"classes {absent} do not occur in the training set of {cfg['dataset']!r} (its classes: "
+            f"{sorted(np.unique(y_tr).tolist())})"
+        )
+    return (*select_classes(x_tr, y_tr, classes), *select_classes(x_te, y_te, classes))
+
+
 # ------------------------------------------------------------------ partitions
 def partition_indices(y: np.ndarray, cfg: Config) -> list[np.ndarray]:
     """Split the train labels ``y`` into ``num_clients`` index arrays.
@@ -220,9 +264,9 @@ def load_federated_data(cfg: Config) -> FederatedData:
             parts = np.split(z["part_index"], z["part_offsets"][1:-1])
             data = FederatedData(z["x_train"], z["y_train"], z["x_test"], z["y_test"], parts, int(z["num_classes"]))
     else:
-        builder = {"mnist1d": _mnist1d, "digits": _digits}.get(cfg["dataset"], _hub)
-        x_tr, y_tr, x_te, y_te = builder(cfg)
-        num_classes = int(max(y_tr.max(), y_te.max()) + 1)
+        classes = parse_classes(cfg["data.classes"])
+        x_tr, y_tr, x_te, y_te = load_task(cfg, classes)
+        num_classes = len(classes) or int(max(y_tr.max(), y_te.max()) + 1)
         if cfg["partition"] == "pathological" and cfg["classes_per_client"] > num_classes:
             raise DatasetUnavailable(
                 f"classes_per_client = {cfg['classes_per_client']}: the dataset has only {num_classes} classes"

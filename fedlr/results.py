@@ -109,6 +109,8 @@ def progress_line(row: dict[str, Any], rounds: int) -> str:
     ]
     if "epsilon" in row:
         parts.append(f"eps {row['epsilon']:.3f}")
+    if "server_utility" in row:
+        parts.append(f"price {row['price']:.4f} util {row['server_utility']:.4f}")
     parts.append(f"{row['wall_s']:.1f}s")
     return "  ".join(parts)
 
@@ -129,6 +131,10 @@ def summarize(cfg: Config, rows: list[dict[str, Any]], extra: dict[str, Any] | N
     }
     if any("epsilon" in r for r in rows):
         summary["epsilon"] = max(r.get("epsilon", 0.0) for r in rows)
+    # DaringFed (shared/specs/daringfed.md §2): both are cumulative, so the last arrival's value is the run's.
+    for key in ("server_utility", "participation_rate"):
+        if key in rows[-1]:
+            summary[key] = rows[-1][key]
     if extra:
         summary.update(extra)
     return summary

@@ -109,10 +109,19 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
             verbose_logging=verbose,
         )
     except Exception as err:
-        raise RunFailed(str(err)) from err
+        # The ServerApp's own verdict comes first: a run it completed stays
+        # completed even if the engine's teardown then fails (the reaper stops
+        # Ray under a client that timed out and was dropped within max_failures).
+        if _status(out).get("status") != "completed":
+            raise RunFailed(str(err)) from err
     finally:
         finished.set()
-    status = json.loads((out / "status.json").read_text()) if (out / "status.json").is_file() else {}
+    status = _status(out)
     if status.get("status") != "completed":
         raise RunFailed(status.get("error", "the ServerApp ended without completing the run"))
     return json.loads((out / "summary.json").read_text())
+
+
+def _status(out: Path) -> dict[str, Any]:
+    path = out / "status.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -31,12 +31,16 @@ def local_sgd(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
+    max_grad_norm: float = 0.0,
 ) -> float:
     """Run ``epochs`` of mini-batch SGD on (x, y) in place; return the mean loss.
 
     A fresh optimizer each call: clients keep no optimizer state across rounds.
     With ``proximal_mu > 0`` the FedProx term (mu/2)·||w − w_t||² is added, w_t
-    being the weights at entry (Li et al., MLSys 2020, Eq. 2).
+    being the weights at entry (Li et al., MLSys 2020, Eq. 2). With
+    ``max_grad_norm > 0`` the gradient of all trained parameters together is
+    clipped to that norm before each step (FedSVD's non-private setting,
+    ``shared/specs/fedsvd.md`` §4).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -57,6 +61,8 @@ def local_sgd(
                 loss_total = loss
             opt.zero_grad(set_to_none=True)
             loss_total.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)

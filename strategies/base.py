@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from torch import nn
 
 from fedlr.comm import messages_nbytes
 from fedlr.config import Config
+from fedlr.models import build_model
 
 # Distinguishes the sampling stream from other streams derived from the run seed.
 SAMPLING_STREAM = 1
@@ -27,6 +29,11 @@ SAMPLING_STREAM = 1
 
 class ClientFailure(RuntimeError):
     """One or more clients failed a round; the message names them and their errors."""
+
+
+class PrivacyBudgetExhausted(ClientFailure):
+    """A client refused to train because the round would exceed its privacy budget
+    (``fedlr.privacy.BudgetExceededError``); the run stops, no client exceeds it."""
 
 
 class _SampledGrid:
@@ -45,6 +52,8 @@ class _SampledGrid:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The last line of a client traceback ending in fedlr.privacy.BudgetExceededError.
+_BUDGET_ERROR = re.compile(r"BudgetExceededError: (.+)")
 
 
 def client_error_text(reason: str, partition_id: int | str) -> str:
@@ -91,6 +100,8 @@ class FedlrStrategy:
         self.partition_of = dict(node_to_partition)
         self.node_of = {pid: nid for nid, pid in node_to_partition.items()}
         self.round_extra: dict[str, Any] = {}
+        # Largest cumulative ε any client has reported (shared/specs/fedsvd.md §3.2).
+        self.max_epsilon = 0.0
 
     # ------------------------------------------------------------- sampling
     def sampled_partitions(self, server_round: int) -> list[int]:
@@ -114,7 +125,19 @@ class FedlrStrategy:
         round's ``failed_clients``. A round in which every client failed always
         fails the run: keeping the old model silently is what fedlr refuses to do.
         Returns the good replies sorted by partition id (fixed float sums).
+
+        A client that refused a round because it would exceed its privacy
+        budget raises :class:`PrivacyBudgetExhausted` whatever ``max_failures``
+        says: going on without it would hide that the run outlived its budget.
         """
+        for msg in sorted(replies, key=lambda m: self.partition_of[m.metadata.src_node_id]):
+            budget = _BUDGET_ERROR.search(_ANSI.sub("", msg.error.reason or "")) if msg.has_error() else None
+            if budget:
+                pid = self.partition_of[msg.metadata.src_node_id]
+                raise PrivacyBudgetExhausted(
+                    f"round {server_round}: stopped, client {pid} would exceed its privacy budget: "
+                    f"{budget.group(1).strip()}"
+                )
         errors: dict[int, str] = {}
         for msg in replies:
             if msg.has_error():
@@ -133,6 +156,54 @@ class FedlrStrategy:
         if errors:
             self.round_extra["failed_clients"] = sorted(errors)
         return sorted(good, key=lambda m: self.partition_of[m.metadata.src_node_id])
+
+    # ------------------------------------------------------------ privacy
+    def track_epsilon(self, server_round: int, replies: list[Message]) -> float | None:
+        """The largest cumulative ε of any client so far, from the replies' ``epsilon`` metric.
+
+        Each client's ε is cumulative and never decreases, so the running
+        maximum over every reply received is the maximum over clients. None
+        when the run is not private. Under DP-SGD or LDP a reply without
+        ``epsilon`` is a protocol error: the run's privacy claim would be unsupported.
+        """
+        mechanism = self.cfg["privacy.mechanism"]
+        private = mechanism != "none"  # dpsgd, and ldp (fedlr.privacy.ldp: cumulative ε of the releases)
+        for msg in replies:
+            metrics = next(iter(msg.content.metric_records.values()))
+            if "epsilon" in metrics:
+                self.max_epsilon = max(self.max_epsilon, float(metrics["epsilon"]))
+            elif private:
+                pid = self.partition_of[msg.metadata.src_node_id]
+                raise ClientFailure(
+                    f"round {server_round}: client {pid} trained with privacy.mechanism = {mechanism!r} "
+                    "but reported no epsilon"
+                )
+        return self.max_epsilon if private else None
+
+    def summary_extra(self) -> dict[str, Any]:
+        """Method-specific entries for ``summary.json`` (e.g. FedMUD's realized ratio)."""
+        return {}
+
+    def restore_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Take up what the strategy derives from the rounds already recorded (on resume)."""
+        self.max_epsilon = max((float(r.get("epsilon", 0.0)) for r in rows), default=0.0)
+
+    # ------------------------------------------------------------ the global model
+    def build_global_model(self, input_shape: tuple[int, ...], num_classes: int) -> tuple[nn.Module, ArrayRecord]:
+        """The network server-side evaluation runs, and the initial global arrays.
+
+        The arrays are what flows through :meth:`run_rounds` and into the
+        checkpoints. Dense methods: ``fedlr.models.build_model`` and its whole
+        state dict. A method whose global state is something else (LoRA: only
+        the adapters of a frozen pretrained model) overrides this and
+        :meth:`load_global_arrays`.
+        """
+        model = build_model(self.cfg, input_shape, num_classes)
+        return model, ArrayRecord(model.state_dict())
+
+    def load_global_arrays(self, model: nn.Module, arrays: ArrayRecord) -> None:
+        """Put the global ``arrays`` into the model of :meth:`build_global_model`."""
+        model.load_state_dict(arrays.to_torch_state_dict())
 
     # ------------------------------------------------------------ state (resume)
     def state_dict(self) -> dict[str, Any]:
@@ -174,6 +245,9 @@ class FedlrStrategy:
             arrays = new_arrays
             row: dict[str, Any] = {"round": server_round, **evaluate_fn(server_round, arrays)}
             row.update(bytes_up=bytes_up, bytes_down=bytes_down, clients=len(replies))
+            epsilon = self.track_epsilon(server_round, replies)
+            if epsilon is not None:
+                row["epsilon"] = epsilon
             if train_metrics is not None and "train_loss" in train_metrics:
                 row["train_loss"] = float(train_metrics["train_loss"])
             row.update(self.round_extra)

@@ -23,7 +23,6 @@ from fedlr import config as config_mod
 from fedlr.checkpoint import load_checkpoint, save_checkpoint
 from fedlr.config import Config
 from fedlr.data import load_federated_data
-from fedlr.models import build_model
 from fedlr.results import RunRecorder, read_metrics
 from fedlr.training import evaluate
 from strategies import build_strategy
@@ -56,7 +55,15 @@ def discover_nodes(grid: Grid, cfg: Config) -> dict[int, int]:
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY)
         for nid in node_ids
     ]
-    replies = list(grid.send_and_receive(queries, timeout=NODE_WAIT_S))
+    # A generous floor: under load, actors start slowly, and a short round timeout
+    # (meant for training) must not abort start-up.
+    timeout = max(NODE_WAIT_S, cfg["simulation.round_timeout"])
+    replies = list(grid.send_and_receive(queries, timeout=timeout))
+    if len(replies) < len(queries):
+        raise RuntimeError(
+            f"{len(queries) - len(replies)} of {len(queries)} nodes did not answer the start-up query within "
+            f"{timeout:.0f} s (machine overloaded, or nodes down?)"
+        )
     node_to_partition: dict[int, int] = {}
     for msg in replies:
         if msg.has_error():
@@ -82,11 +89,10 @@ def run_server(grid: Grid, cfg: Config, out: Path, *, resume: bool = False, quie
     recorder = RunRecorder(out, cfg, quiet=quiet)
     try:
         data = load_federated_data(cfg)
-        model = build_model(cfg, data.input_shape, data.num_classes)
         x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
         strategy = build_strategy(cfg, discover_nodes(grid, cfg))
-
-        arrays = ArrayRecord(model.state_dict())
+        # The strategy decides what the global model is (LoRA: adapters on a frozen W₀).
+        model, arrays = strategy.build_global_model(data.input_shape, data.num_classes)
         first_round, rows = 1, []
         checkpoint = load_checkpoint(out) if resume else None
         if checkpoint is not None:
@@ -94,10 +100,11 @@ def run_server(grid: Grid, cfg: Config, out: Path, *, resume: bool = False, quie
             strategy.load_state_dict(checkpoint["strategy"])
             first_round = checkpoint["round"] + 1
             rows = [r for r in read_metrics(out) if r["round"] <= checkpoint["round"]]
+            strategy.restore_metrics(rows)
         recorder.start(rows)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-            model.load_state_dict(arrays.to_torch_state_dict())
+            strategy.load_global_arrays(model, arrays)
             return evaluate(model, x_test, y_test)
 
         def on_round(server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
@@ -110,8 +117,15 @@ def run_server(grid: Grid, cfg: Config, out: Path, *, resume: bool = False, quie
             row0 = {"round": 0, **evaluate_fn(0, arrays), "bytes_up": 0, "bytes_down": 0, "clients": 0}
             row0["wall_s"] = round(recorder.elapsed(), 3)
             recorder.log_round(row0)
-        strategy.run_rounds(grid, arrays, evaluate_fn, on_round, first_round)
-        return recorder.finish()
+        final = strategy.run_rounds(grid, arrays, evaluate_fn, on_round, first_round)
+        extra = strategy.summary_extra()
+        if cfg["privacy.attack"]:
+            # FedRE's privacy probe (shared/specs/fedre.md §9): invert single-sample LDP releases on the final model.
+            from fedlr.privacy.attack import attack_summary
+
+            strategy.load_global_arrays(model, final)
+            extra.update(attack_summary(cfg, model, data))
+        return recorder.finish(extra)
     except BaseException as err:
         recorder.set_status("failed", error=f"{type(err).__name__}: {err}")
         raise

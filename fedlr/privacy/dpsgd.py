@@ -310,6 +310,9 @@ def dp_local_sgd(
     epochs: int | None = None,
     steps: int | None = None,
     budget: PrivacyBudget | None = None,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
 ) -> tuple[float, int]:
     """One round of DP-SGD on (x, y), in place, updating only parameters with ``requires_grad`` (§3).
 
@@ -317,8 +320,8 @@ def dp_local_sgd(
     q = :func:`sample_rate`), computes per-example gradients of the trainable
     parameters only (for FedSVD/FFA-LoRA: the ``lora_B`` weights), clips each
     example's to norm C, adds N(0, σ²C²) and divides by the expected batch
-    size q·n, then takes a plain SGD step (a fresh optimizer per round, no
-    momentum [paper]). An empty Poisson batch still takes its noise-only step:
+    size q·n, then takes an SGD step (a fresh optimizer per round; no
+    momentum by default [paper]). An empty Poisson batch still takes its noise-only step:
     skipping it would reveal that the batch was empty. There is no gradient
     accumulation across ``backward()`` calls (§3.3).
 
@@ -348,6 +351,13 @@ def dp_local_sgd(
     budget
         If given, the round is refused before its first step when it would
         take the client's ε above ``budget.epsilon``.
+    momentum, weight_decay
+        Of the SGD step, as in :func:`fedlr.training.local_sgd`.
+    proximal_mu
+        FedProx's μ: the gradient μ(w − w_t) of (μ/2)·‖w − w_t‖², w_t being
+        the weights at entry, is added to the privatized gradient. Like
+        momentum and weight decay it depends on no example, so it is
+        post-processing and costs no privacy; clipping it would only bias it.
 
     Returns
     -------
@@ -383,8 +393,9 @@ def dp_local_sgd(
     # size: together this is Opacus's Poisson-sampling "mean" semantics.
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
     gsm.forbid_grad_accumulation()
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = DPOptimizer(
-        torch.optim.SGD(params, lr=lr),
+        torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay),
         noise_multiplier=sigma,
         max_grad_norm=max_grad_norm,
         expected_batch_size=round(q * n),
@@ -406,7 +417,12 @@ def dp_local_sgd(
                 loss = F.cross_entropy(gsm(x[idx]), y[idx], reduction="sum")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                if anchor is None:
+                    optimizer.step()
+                elif optimizer.pre_step():  # clip, noise, scale and account: DPOptimizer.step's first half
+                    for p, a in zip(params, anchor, strict=True):
+                        p.grad.add_(p.detach() - a, alpha=proximal_mu)
+                    optimizer.original_optimizer.step()
                 total += float(loss.detach())
                 count += len(idx)
         optimizer.zero_grad(set_to_none=True)
