@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from torch import nn
 
 from fedlr.comm import messages_nbytes
@@ -179,6 +180,24 @@ class FedlrStrategy:
                     "but reported no epsilon"
                 )
         return self.max_epsilon if private else None
+
+    def reply_arrays(self, server_round: int, replies: list[Message], expected: set[str]) -> list[ArrayRecord]:
+        """Each reply's single ArrayRecord; anything but exactly the ``expected``
+        keys is a protocol error, never something to average."""
+        validate_message_reply_consistency(
+            [m.content for m in replies], weighted_by_key=self.weighted_by_key, check_arrayrecord=True
+        )
+        records = []
+        for msg in replies:
+            record = next(iter(msg.content.array_records.values()))
+            if set(record) != expected:
+                pid = self.partition_of[msg.metadata.src_node_id]
+                raise ValueError(
+                    f"round {server_round}: client {pid} sent arrays {sorted(record)}; "
+                    f"{self.cfg['method']} expects {sorted(expected)}"
+                )
+            records.append(record)
+        return records
 
     def summary_extra(self) -> dict[str, Any]:
         """Method-specific entries for ``summary.json`` (e.g. FedMUD's realized ratio)."""

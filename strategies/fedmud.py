@@ -25,7 +25,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from torch import Tensor, nn
 
 from fedlr.config import Config
@@ -147,24 +146,6 @@ class FedMUD(FedlrStrategy, FlowerFedAvg):
         return records, {"catch-up-from": held, "log-rounds": missed, "log-seeds": seeds}
 
     # --------------------------------------------------------------- up (§3.6)
-    def _uploads(self, server_round: int, replies: list[Message]) -> list[dict[str, np.ndarray]]:
-        """Each reply's arrays; anything but exactly the trainable factors and
-        dense entries is a protocol error, not something to average."""
-        validate_message_reply_consistency(
-            [m.content for m in replies], weighted_by_key=self.weighted_by_key, check_arrayrecord=True
-        )
-        expected = set(self.layout.upload_keys)
-        uploads = []
-        for msg in replies:
-            record = next(iter(msg.content.array_records.values()))
-            if set(record) != expected:
-                pid = self.partition_of[msg.metadata.src_node_id]
-                raise ValueError(
-                    f"round {server_round}: client {pid} sent arrays {sorted(record)}; FedMUD expects {sorted(expected)}"
-                )
-            uploads.append({k: v.numpy() for k, v in record.items()})
-        return uploads
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -176,7 +157,10 @@ class FedMUD(FedlrStrategy, FlowerFedAvg):
         if self._trained_on is None:
             raise RuntimeError(f"round {server_round}: aggregate_train called before configure_train")
         replies = list(replies)
-        uploads = self._uploads(server_round, replies)
+        uploads = [
+            {k: v.numpy() for k, v in record.items()}
+            for record in self.reply_arrays(server_round, replies, set(self.layout.upload_keys))
+        ]
         weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in replies]
         mean = aggregate_factors(uploads, weights)
         seed = round_seed(self.cfg["seed"], server_round)

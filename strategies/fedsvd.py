@@ -50,7 +50,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from torch import Tensor, nn
 
 from fedlr.config import Config
@@ -135,23 +134,6 @@ class LoRAStrategy(FedlrStrategy, FlowerFedAvg):
         return super().configure_train(server_round, down, config, grid)
 
     # --------------------------------------------------------------------- up
-    def _uploads(self, server_round: int, replies: list[Message], expected: set[str]) -> list[dict[str, Tensor]]:
-        """Each reply's factors; anything but exactly the ``expected`` keys is a protocol error."""
-        validate_message_reply_consistency(
-            [m.content for m in replies], weighted_by_key=self.weighted_by_key, check_arrayrecord=True
-        )
-        uploads = []
-        for msg in replies:
-            record = next(iter(msg.content.array_records.values()))
-            if set(record) != expected:
-                pid = self.partition_of[msg.metadata.src_node_id]
-                raise ValueError(
-                    f"round {server_round}: client {pid} sent arrays {sorted(record)}; "
-                    f"{self.method} expects {sorted(expected)}"
-                )
-            uploads.append(record.to_torch_state_dict())
-        return uploads
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -164,9 +146,12 @@ class LoRAStrategy(FedlrStrategy, FlowerFedAvg):
             raise RuntimeError(f"round {server_round}: aggregate_train called before configure_train")
         replies = list(replies)
         previous = self._trained_on.to_torch_state_dict()
-        uploads = self._uploads(
-            server_round, replies, {k for k in previous if k.rpartition(".")[2] in self.upload_factors}
-        )
+        uploads = [
+            record.to_torch_state_dict()
+            for record in self.reply_arrays(
+                server_round, replies, {k for k in previous if k.rpartition(".")[2] in self.upload_factors}
+            )
+        ]
         weights = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in replies]
         # B_{i+1} with the round's Â_i (A_{i+1} = Ā for FedAvg-LoRA).
         aggregated = {**previous, **aggregate_lora(uploads, weights)}
