@@ -32,6 +32,20 @@ num_samples = 1000
 """
 
 
+@pytest.fixture(scope="module")
+def isolated_flower(tmp_path_factory: pytest.TempPathFactory):
+    """A private data cache for one test module, and the task identity Flower's
+    Message needs outside a ServerApp process (strategy tests without Ray)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDLR_CACHE", str(tmp_path_factory.mktemp("cache")))
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        mp.setattr(TaskIdentity, name, value)
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"

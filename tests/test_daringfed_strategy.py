@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import fedlr.pricing
 import fedlr.pricing.game
@@ -55,15 +54,7 @@ NODE_OFFSET = 1000  # fake Flower node ids: partition id + offset
 OFFER_KEYS = {"server-round", "mu", "x", "price", "signal"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def isolated(tmp_path_factory: pytest.TempPathFactory):
-    """A private data cache, and the task identity Flower's Message needs outside a ServerApp process."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDLR_CACHE", str(tmp_path_factory.mktemp("cache")))
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        mp.setattr(TaskIdentity, name, value)
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("isolated_flower")
 
 
 def make_cfg(**over: Any) -> Config:

@@ -17,7 +17,6 @@ import pytest
 import ray
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.fedmud_trainer import BASE_KEY, train_fedmud
 from fedlr import config as config_mod
@@ -33,16 +32,7 @@ from strategies.fedmud import FedMUD
 NODE_OFFSET = 1000  # fake Flower node ids: partition id + offset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def isolated(tmp_path_factory: pytest.TempPathFactory):
-    """A private data cache, and the task identity Flower's Message needs
-    outside a ServerApp process."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FEDLR_CACHE", str(tmp_path_factory.mktemp("cache")))
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        mp.setattr(TaskIdentity, name, value)
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("isolated_flower")
 
 
 def make_cfg(**over) -> Config:
