@@ -18,11 +18,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from torch import Tensor, nn
 
+from clients.ldp_release import open_release
 from clients.local_training import train_local
 from fedlr.config import Config
 from fedlr.data import load_federated_data
 from fedlr.lowrank.fedmud import MUDLayout, build_mud_model
-from fedlr.lowrank.mud import model_deltas, mud_layers, reset_round
+from fedlr.lowrank.mud import FACTOR_NAMES, model_deltas, mud_layers, reset_round, update_gain
 from fedlr.training import derive_seed
 
 # Keys of this client's entries in ``context.state``.
@@ -116,7 +117,8 @@ def train_fedmud(cfg: Config, partition_id: int, content: RecordDict, context: C
     RecordDict
         ``arrays`` (trainable factors and dense entries only; frozen factors
         and W never travel) and ``metrics`` (``num-examples`` and
-        ``train_loss``, or under DP-SGD the client's cumulative ``epsilon``).
+        ``train_loss``, or under DP-SGD the client's cumulative ``epsilon``;
+        under LDP the released factors, ``epsilon`` and the per-layer budgets).
     """
     # Imported here, not at module level: clients.trainer registers this
     # function in TRAINERS, so it imports this module first.
@@ -135,6 +137,15 @@ def train_fedmud(cfg: Config, partition_id: int, content: RecordDict, context: C
         _sync(model, layout, initial, content, context)
         # Frozen factors from σ_t, trainable ones zero: ΔW starts at 0 (§3 step 4 "re-draw").
         reset_round(model, int(config["round-seed"]), server_round)
+    # Layer-wise LDP (privacy.mechanism = "ldp", clients.ldp_release): budgets
+    # from the round-start model, which is public (W_t and σ_t's factors).
+    release = open_release(cfg, partition_id, server_round, model, context)
+    if release is not None:
+        state = model.state_dict()
+        start = {k: state[k].detach().cpu().clone() for k in layout.upload_keys}
+        # Clip and noise the factors in ΔW units (update_gain): in factor units the
+        # frozen factors would multiply the noise and the run diverges.
+        gains = {f"{name}.{factor}": update_gain(layer) for name, layer in mud_layers(model) for factor in FACTOR_NAMES}
     x, y = (torch.from_numpy(a).to(dev) for a in data.client(partition_id))
     num_examples = len(y)
     # Plain SGD with a fresh optimizer (§3 step 4 "train"), or DP-SGD under
@@ -143,7 +154,10 @@ def train_fedmud(cfg: Config, partition_id: int, content: RecordDict, context: C
         cfg, model, x, y, context=context, seed=derive_seed(cfg["seed"], TRAIN_STREAM, server_round, partition_id)
     )
     state = model.state_dict()
-    arrays = ArrayRecord({k: state[k].detach().cpu() for k in layout.upload_keys})
+    upload = {k: state[k].detach().cpu() for k in layout.upload_keys}
+    if release is not None:
+        upload, train_metrics = release.privatize(upload, start, gains)
+    arrays = ArrayRecord(upload)
     if dev.type == "cuda":
         # Several clients share one GPU by fractional num_gpus: give memory back.
         del x, y

@@ -134,7 +134,7 @@ class Release:
         self.generator = torch.Generator().manual_seed(seed)
 
     def privatize(
-        self, upload: Mapping[str, Tensor], start: Mapping[str, Tensor]
+        self, upload: Mapping[str, Tensor], start: Mapping[str, Tensor], gains: Mapping[str, float] | None = None
     ) -> tuple[dict[str, Tensor], dict[str, float | list[float]]]:
         """Release ``upload``: start + ũ with ũ the clipped, noised ``upload − start`` (§5).
 
@@ -145,6 +145,9 @@ class Release:
         start
             The same entries at the start of the round (what the server sent,
             or what both sides re-draw from a seed).
+        gains
+            Public per-entry gains: clip and noise g·(upload − start) instead,
+            in the units of what the server merges (:func:`privatize_update`).
 
         Returns
         -------
@@ -155,7 +158,8 @@ class Release:
         """
         update = {k: upload[k].detach().cpu() - start[k].detach().cpu() for k in upload}
         noised, stats = privatize_update(
-            update, self.layer_of, self.budgets, self.cfg["privacy.clip"], self.cfg["privacy.ldp_noise"], self.generator
+            update, self.layer_of, self.budgets, self.cfg["privacy.clip"], self.cfg["privacy.ldp_noise"], self.generator,
+            gains,
         )
         released = {k: start[k].detach().cpu() + v for k, v in noised.items()}
         epsilons = [stats[layer].epsilon for layer in stats]

@@ -82,7 +82,7 @@ LORA_MODELS = ("mlp", "cnn")
 # number of spatial input dimensions (§3), and the methods whose client trainer releases
 # its upload through fedlr.privacy.ldp under privacy.mechanism = "ldp".
 LDP_MASKS = {1: ("w0", "w1", "w2"), 2: ("center", "left", "top")}
-LDP_METHODS = ("fedavg", "fedprox", "fedadam", "fedre", *LORA_METHODS)
+LDP_METHODS = ("fedavg", "fedprox", "fedadam", "fedre", "fedmud", *LORA_METHODS)
 
 SCHEMA: dict[str, Field] = {
     # --- the experiment

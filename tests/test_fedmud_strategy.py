@@ -143,6 +143,49 @@ def test_aad_merges_the_mean_update_exactly_and_naive_does_not(decomposition):
     assert errors["naive"] > 2e-5
 
 
+def _ldp_moves(decomposition: str, clip: float) -> tuple[dict[str, float], dict[str, float], list[Message]]:
+    """One FedMUD round under near-noiseless LDP: per layer, how far the merged
+    update moved the dense model (‖ΔW_l‖² + ‖Δb_l‖² under a root) and its clip C_l."""
+    from fedlr.privacy.ldp import layer_bound, network_layer_of
+
+    cfg = make_cfg(
+        rounds=1, lr=0.02, local_epochs=2,
+        **{"fedmud.decomposition": decomposition, "privacy.mechanism": "ldp", "privacy.epsilon": 1e12,
+           "privacy.clip": clip},
+    )
+    fed = Federation(cfg)
+    before = fed.arrays.to_torch_state_dict()
+    _, replies = fed.round(1)
+    after = fed.arrays.to_torch_state_dict()
+    data = load_federated_data(cfg)
+    layer_of = network_layer_of(cfg, data.input_shape, data.num_classes)
+    upload = replies[0].content["arrays"].to_torch_state_dict()
+    total = sum(v.numel() for v in upload.values())
+    moved, bounds = {}, {}
+    for layer in {layer_of(k) for k in upload}:
+        size = sum(v.numel() for k, v in upload.items() if layer_of(k) == layer)
+        moved[layer] = math.sqrt(sum(float((after[k] - before[k]).double().square().sum()) for k in after if layer_of(k) == layer))
+        bounds[layer] = layer_bound("gaussian", clip, size, total)
+    return moved, bounds, replies
+
+
+@pytest.mark.parametrize("decomposition", ["bkd", "lowrank"])
+def test_ldp_release_bounds_each_layers_merged_update_by_its_clip(decomposition):
+    """Layer-wise LDP on FedMUD factors (``shared/specs/fedre.md`` §5) clips in ΔW
+    units (``update_gain``): with noise negligible (ε = 10¹²), every layer's merged
+    update stays within its C_l, a mean of clipped updates, although the same round
+    without a binding clip moves some layer further. The replies carry the budgets,
+    which compose to ε, and no training loss."""
+    moved, bounds, replies = _ldp_moves(decomposition, clip=0.05)
+    assert all(moved[layer] <= bounds[layer] * (1 + 1e-3) for layer in moved)
+    free, _, _ = _ldp_moves(decomposition, clip=1e6)
+    assert any(free[layer] > bounds[layer] for layer in free)
+    for reply in replies:
+        metrics = reply.content["metrics"]
+        assert math.fsum(metrics["ldp-epsilons"]) == pytest.approx(1e12) and metrics["epsilon"] == 1e12
+        assert "train_loss" not in metrics
+
+
 def test_fedlmt_weight_target_keeps_a_rank_limited_model():
     cfg = make_cfg(rounds=2, **{"fedmud.target": "weight", "fedmud.decomposition": "lowrank", "fedmud.aggregation": "naive"})
     fed = Federation(cfg)

@@ -181,6 +181,26 @@ def test_clipping_bounds_each_layer_and_infinite_epsilon_releases_the_update(noi
     assert all(torch.equal(released[k], update[k]) for k in update)
 
 
+def test_gains_clip_and_noise_in_scaled_units_and_release_in_original_units() -> None:
+    """With a public gain g the mechanism runs on g·u: ‖g·ũ‖ ≤ C_l up to the noise,
+    the per-coordinate noise of ũ has variance v/g², and a bad gain is refused."""
+    update = {"a.left": torch.full((50_000,), 0.1), "a.bias": torch.full((10,), 0.1)}
+    layer_of = layer_resolver(["a"])
+    exact = {"a": LayerBudget(1e12, 1e-5)}
+    released, stats = privatize_update(update, layer_of, exact, 0.5, "gaussian", gen(), gains={"a.left": 4.0})
+    scaled = torch.cat([released["a.left"] * 4.0, released["a.bias"]])
+    assert stats["a"].norm == pytest.approx(math.sqrt(50_000 * 0.4**2 + 10 * 0.1**2), rel=1e-6)
+    assert float(scaled.norm()) == pytest.approx(stats["a"].bound, rel=1e-3)
+    zeros = {"a.left": torch.zeros(100_000)}
+    noisy, stats = privatize_update(zeros, layer_of, {"a": LayerBudget(2.0, 1e-5)}, 1.0, "gaussian", gen(), {"a.left": 4.0})
+    assert float(noisy["a.left"].double().var()) == pytest.approx(stats["a"].variance / 16, rel=0.05)
+    for bad in ({"a.left": 0.0}, {"a.left": math.inf}):
+        with pytest.raises(ValueError, match="gains must be finite and > 0"):
+            privatize_update(zeros, layer_of, exact, 1.0, "gaussian", gen(), bad)
+    with pytest.raises(ValueError, match=r"gains for entries \['b.right'\]"):
+        privatize_update(zeros, layer_of, exact, 1.0, "gaussian", gen(), {"b.right": 1.0})
+
+
 def test_release_noise_is_seeded() -> None:
     update = {"a.weight": torch.zeros(50)}
     budgets = {"a": LayerBudget(1.0, 1e-5)}

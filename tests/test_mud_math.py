@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from fedlr.lowrank.mud import (
     model_factors,
     mud_layers,
     reset_round,
+    update_gain,
 )
 
 PATTERNS = [(d, a) for d in ("lowrank", "bkd") for a in ("naive", "aad")]
@@ -323,3 +325,48 @@ def test_weight_target_is_a_rank_limited_model():
     assert hidden.left.grad.abs().sum() > 0 and hidden.right.grad.abs().sum() > 0
     with pytest.raises(RuntimeError, match="target='weight' factors persist across rounds"):
         reset_round(model, SEED, 1)
+
+
+# --------------------------------------------------------------------------- LDP gain
+
+
+def _operator_norm(layer: MUDLinear, iterations: int = 200) -> float:
+    """‖θ ↦ ΔW(θ)‖ by power iteration on the (linear, for AAD) map, through autograd."""
+    gen = torch.Generator().manual_seed(0)
+    theta = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in layer.trainable_factors().items()}
+    frozen = {"left": layer.left_frozen.double(), "right": layer.right_frozen.double()}
+    from fedlr.lowrank.mud import _delta
+
+    value = 0.0
+    for _ in range(iterations):
+        norm = torch.sqrt(sum(t.square().sum() for t in theta.values()))
+        theta = {k: (t / norm).requires_grad_(True) for k, t in theta.items()}
+        delta = _delta(layer.spec, theta, frozen)
+        value = float(delta.detach().norm())
+        grads = torch.autograd.grad(0.5 * delta.square().sum(), list(theta.values()))  # Φᵀ Φ θ
+        theta = {k: g.detach() for k, g in zip(theta, grads, strict=True)}
+    return value
+
+
+@pytest.mark.parametrize("decomposition", ["lowrank", "bkd"])
+def test_update_gain_bounds_delta_w_within_a_factor_root_two(decomposition):
+    """‖ΔW(θ)‖ ≤ L‖θ‖ for every θ (what LDP clipping in ΔW units relies on), and
+    L is at most √2 above the exact operator norm (Cauchy–Schwarz over two terms)."""
+    layer = MUDLinear(nn.Linear(40, 96), LayerSpec((96, 40), decomposition, "aad", 1 / 8, init_scale=5.0))
+    layer.reset_factors(SEED, 3, 1)
+    gain = update_gain(layer)
+    exact = _operator_norm(layer)
+    assert exact <= gain * (1 + 1e-6)
+    assert exact >= gain / math.sqrt(2) * (1 - 1e-6)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        theta = random_factors(layer.spec, gen)
+        norm = math.sqrt(sum(float(t.square().sum()) for t in theta.values()))
+        assert float(delta_from_factors(layer.spec, theta, SEED, 3, 1).norm()) <= gain * norm * (1 + 1e-5)
+
+
+def test_update_gain_of_naive_is_the_norm_of_the_drawn_left_factor():
+    """naive: ΔW = (U₀+a)(0+b) ≈ U₀ b to first order, so L = ‖U₀‖₂."""
+    layer = MUDLinear(nn.Linear(40, 96), LayerSpec((96, 40), "lowrank", "naive", 1 / 8, init_scale=5.0))
+    layer.reset_factors(SEED, 3, 1)
+    assert update_gain(layer) == pytest.approx(float(torch.linalg.matrix_norm(layer.left.double(), ord=2)))

@@ -28,6 +28,7 @@ from fedlr.lowrank.mud import (
     model_factors,
     mud_layers,
     reset_round,
+    update_gain,
 )
 
 __all__ = [
@@ -54,4 +55,5 @@ __all__ = [
     "model_factors",
     "mud_layers",
     "reset_round",
+    "update_gain",
 ]

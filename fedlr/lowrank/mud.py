@@ -49,6 +49,7 @@ __all__ = [
     "model_factors",
     "mud_layers",
     "reset_round",
+    "update_gain",
 ]
 
 DECOMPOSITIONS = ("lowrank", "bkd")
@@ -526,6 +527,48 @@ _WRAPPERS: dict[type[nn.Module], type[MUDLayer]] = {
     nn.Conv1d: MUDConv1d,
     nn.Conv2d: MUDConv2d,
 }
+
+
+def _factor_operator_norm(spec: LayerSpec, multiplier: Tensor) -> float:
+    """Operator norm of θ ↦ one term of ΔW whose other factor is ``multiplier``.
+
+    lowrank: θ ↦ M θ (or θ M) has norm ‖M‖₂, the largest singular value.
+    BKD: θ_b ↦ M_b ⊗ θ_b fills its own contiguous chunk of vec(ΔW) per block
+    (:func:`_product`), and ‖M_b ⊗ θ_b‖_F = ‖M_b‖_F·‖θ_b‖_F, so the norm is
+    max_b ‖M_b‖_F. Truncating vec(ΔW) to N entries can only lower it.
+    """
+    m = multiplier.detach().double()
+    if spec.decomposition == "lowrank":
+        return float(torch.linalg.matrix_norm(m, ord=2)) if m.numel() else 0.0
+    return float(torch.linalg.matrix_norm(m, ord="fro").max())
+
+
+def update_gain(layer: MUDLayer) -> float:
+    """L with ‖ΔW(θ)‖_F ≤ L·‖θ‖₂ for the layer's trainable factors θ at round start.
+
+    Used to clip and noise a FedMUD upload in ΔW units under layer-wise LDP
+    (``shared/specs/fedre.md`` §5, "every update codec"): a release of the
+    factors z = L·θ clipped to C_l bounds the *update* the server merges by
+    ‖ΔW‖ ≤ C_l, as for a dense upload, and the factor noise N(0, s²/L²) adds
+    ΔW noise of energy at most s²·dim θ, against s²·d_l for a dense release.
+    Without it a clip in factor units lets the frozen factors (entries up to
+    ``init_scale``) multiply both the update and its noise, and training
+    diverges (measured: NaN at ε = 100).
+
+    ΔW is linear in θ for AAD: ΔW = P(F̃ₗ, right) + P(left, F̃ᵣ), so by
+    Cauchy–Schwarz L = √(‖θ ↦ P(F̃ₗ, θ)‖² + ‖θ ↦ P(θ, F̃ᵣ)‖²) is exact as a
+    bound. For ``naive`` (and ``target="weight"``) the product of two trainable
+    factors is bilinear; L is the same expression at the round-start factors,
+    which bounds the first-order change of ΔW. L depends only on seed-drawn
+    or broadcast values, so it is public: using it costs no privacy.
+    """
+    if layer.spec.aggregation == "aad":
+        left_mult, right_mult = layer.left_frozen, layer.right_frozen
+    else:
+        left_mult, right_mult = layer.left, layer.right
+    return math.sqrt(
+        _factor_operator_norm(layer.spec, left_mult) ** 2 + _factor_operator_norm(layer.spec, right_mult) ** 2
+    )
 
 
 # --------------------------------------------------------------------------- model level

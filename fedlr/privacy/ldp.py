@@ -501,6 +501,7 @@ def privatize_update(
     clip: float,
     noise: str,
     generator: torch.Generator,
+    gains: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, LayerRelease]]:
     """One LDP release of an update, layer by layer (§5).
 
@@ -525,6 +526,13 @@ def privatize_update(
     generator
         Seeded per client and round, e.g. ``derive_seed(seed, NOISE_STREAM,
         round, partition)``: noise is reproducible and never reused across rounds.
+    gains
+        Optional name → g_k > 0, public. The mechanism then runs on z = g·u
+        (clip and noise in z units) and ũ = z̃/g is released: the same
+        guarantee, since z ↦ z/g is post-processing of a public bijection.
+        FedMUD passes g = :func:`fedlr.lowrank.mud.update_gain` for its factors
+        so that the clip bounds ΔW rather than the factors. ``norm``, ``bound``
+        and ``variance`` in the returned stats are in z units.
 
     Returns
     -------
@@ -534,6 +542,12 @@ def privatize_update(
     groups = group_by_layer(update, layer_of)
     if set(groups) != set(budgets):
         raise ValueError(f"budgets for layers {sorted(budgets)} but the update has layers {sorted(groups)}")
+    gains = dict(gains or {})
+    if any(not (g > 0 and math.isfinite(g)) for g in gains.values()):
+        raise ValueError(f"gains must be finite and > 0, got {gains}")
+    if unknown := set(gains) - set(update):
+        raise ValueError(f"gains for entries {sorted(unknown)} that the update does not have")
+    update = {k: v * gains[k] if k in gains else v for k, v in update.items()}
     total = sum(update[k].numel() for k in update)
     released: dict[str, Tensor] = {}
     stats: dict[str, LayerRelease] = {}
@@ -549,7 +563,7 @@ def privatize_update(
             clipped = update[k] * scale
             if variance:
                 clipped = clipped + _noise(clipped.shape, noise, variance, generator, clipped.dtype)
-            released[k] = clipped
+            released[k] = clipped / gains[k] if k in gains else clipped
         stats[layer] = LayerRelease(size, budget.epsilon, budget.delta, bound, norm, variance)
     return {k: released[k] for k in update}, stats
 
