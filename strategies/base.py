@@ -37,6 +37,16 @@ class PrivacyBudgetExhausted(ClientFailure):
     (``fedlr.privacy.BudgetExceededError``); the run stops, no client exceeds it."""
 
 
+class Diverged(RuntimeError):
+    """The aggregated global model holds NaN or infinite values: every later round
+    would only propagate them, and its metrics would be meaningless."""
+
+
+def non_finite_arrays(arrays: ArrayRecord) -> list[str]:
+    """Names of the entries of ``arrays`` that hold a NaN or an infinity."""
+    return [name for name, array in arrays.items() if not np.isfinite(array.numpy()).all()]
+
+
 class _SampledGrid:
     """A view of the grid that exposes only this round's sampled nodes, so the
     wrapped Flower strategy's own sampling picks exactly them."""
@@ -261,6 +271,12 @@ class FedlrStrategy:
             new_arrays, train_metrics = self.aggregate_train(server_round, replies)
             if new_arrays is None:  # cannot happen after check_replies; never keep a stale model silently
                 raise ClientFailure(f"round {server_round}: aggregation produced no model")
+            if bad := non_finite_arrays(new_arrays):
+                # Stop here, loudly: a NaN run that "completes" passes for a result in a sweep.
+                raise Diverged(
+                    f"round {server_round}: the global model diverged (non-finite values in {', '.join(bad[:3])}"
+                    f"{' …' if len(bad) > 3 else ''}); lower lr, or raise privacy.clip / privacy.epsilon"
+                )
             arrays = new_arrays
             row: dict[str, Any] = {"round": server_round, **evaluate_fn(server_round, arrays)}
             row.update(bytes_up=bytes_up, bytes_down=bytes_down, clients=len(replies))

@@ -26,7 +26,7 @@ from fedlr.data import load_federated_data
 from fedlr.results import RunRecorder, read_metrics
 from fedlr.training import evaluate
 from strategies import build_strategy
-from strategies.base import ClientFailure
+from strategies.base import ClientFailure, Diverged
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
 NODE_WAIT_S = 120.0
@@ -127,7 +127,9 @@ def run_server(grid: Grid, cfg: Config, out: Path, *, resume: bool = False, quie
             extra.update(attack_summary(cfg, model, data))
         return recorder.finish(extra)
     except BaseException as err:
-        recorder.set_status("failed", error=f"{type(err).__name__}: {err}")
+        # "diverged" is a result of the configuration, not a fault: sweeps and studies tell them apart.
+        status = "diverged" if isinstance(err, Diverged) else "failed"
+        recorder.set_status(status, error=f"{type(err).__name__}: {err}")
         raise
 
 
