@@ -21,6 +21,7 @@ from typing import Any
 
 from fedlr.config import Config
 from fedlr.data import load_federated_data
+from fedlr.engine import tuned_engine
 
 
 class RunFailed(RuntimeError):
@@ -100,14 +101,15 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
     warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
     finished = threading.Event()
     try:
-        run_simulation(
-            server_app=make_server_app(cfg, out, resume=resume, quiet=quiet, on_exit=_reaper(out, finished)),
-            client_app=make_client_app(cfg, out / CLIENT_STATE_DIR),
-            num_supernodes=cfg["num_clients"],
-            backend_name="ray",
-            backend_config=backend_config(cfg, verbose),
-            verbose_logging=verbose,
-        )
+        with tuned_engine():  # fedlr.engine: faster delivery, no start-up query
+            run_simulation(
+                server_app=make_server_app(cfg, out, resume=resume, quiet=quiet, on_exit=_reaper(out, finished)),
+                client_app=make_client_app(cfg, out / CLIENT_STATE_DIR),
+                num_supernodes=cfg["num_clients"],
+                backend_name="ray",
+                backend_config=backend_config(cfg, verbose),
+                verbose_logging=verbose,
+            )
     except Exception as err:
         # The ServerApp's own verdict comes first: a run it completed stays
         # completed even if the engine's teardown then fails (the reaper stops

@@ -23,6 +23,7 @@ from fedlr import config as config_mod
 from fedlr.checkpoint import load_checkpoint, save_checkpoint
 from fedlr.config import Config
 from fedlr.data import load_federated_data
+from fedlr.engine import registered_nodes, tune_grid
 from fedlr.results import RunRecorder, read_metrics
 from fedlr.training import evaluate
 from strategies import build_strategy
@@ -36,9 +37,19 @@ def discover_nodes(grid: Grid, cfg: Config) -> dict[int, int]:
     """Map Flower node ids to partition ids by querying every node once.
 
     Node ids are random 64-bit integers; partition ids come from each node's
-    ``node_config``. Sampling on partition ids makes runs reproducible.
+    ``node_config``. Sampling on partition ids makes runs reproducible. Under
+    ``fedlr run`` the engine runs in this process and the mapping Flower drew
+    is read directly (:func:`fedlr.engine.registered_nodes`): no query, no Ray
+    call per node. Under ``flwr run`` and deployments every node is asked.
     """
     expected = cfg["num_clients"]
+    captured = registered_nodes(timeout=NODE_WAIT_S)
+    if captured is not None:
+        if len(captured) != expected or set(captured) != set(grid.get_node_ids()):
+            raise RuntimeError(f"the simulation registered {len(captured)} nodes but num_clients = {expected}")
+        if sorted(captured.values()) != list(range(expected)):
+            raise RuntimeError(f"partition ids {sorted(captured.values())} are not 0..{expected - 1}")
+        return captured
     deadline = time.monotonic() + NODE_WAIT_S
     while len(node_ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
@@ -87,6 +98,7 @@ def run_server(grid: Grid, cfg: Config, out: Path, *, resume: bool = False, quie
     every round completed so far is already in ``metrics.jsonl``.
     """
     recorder = RunRecorder(out, cfg, quiet=quiet)
+    tune_grid(grid)
     try:
         data = load_federated_data(cfg)
         x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
