@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Context, MetricRecord, RecordDict
 
+from clients.trainer import train_dense
 from fedlr.config import Config
 from fedlr.data import load_federated_data
 from fedlr.pricing import client_theta, join_decision, make_profile
@@ -69,10 +70,6 @@ def train_daringfed(cfg: Config, partition_id: int, content: RecordDict, context
     offer, signal = read_offer(config)
     if not join_decision(offer, signal, theta, profile, upload_cost_model(content["arrays"])):
         return RecordDict({"metrics": MetricRecord({JOINED_KEY: 0, EVAL_THETA_KEY: theta})})
-    # Imported here: clients.trainer registers this function in TRAINERS, so importing it at
-    # module level would be circular.
-    from clients.trainer import train_dense
-
     reply = train_dense(cfg, partition_id, content, context)
     compute_time = measured_compute_time(
         cfg["seed"], partition_id, t, profile.workload, theta, cfg["pricing.time_noise"]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from clients.ldp_release import open_release
 from clients.local_training import train_local
+from clients.trainer import TRAIN_STREAM, _limit_threads, device
 from fedlr.config import Config
 from fedlr.data import load_federated_data
 from fedlr.lowrank.fedmud import MUDLayout, build_mud_model
@@ -120,10 +121,6 @@ def train_fedmud(cfg: Config, partition_id: int, content: RecordDict, context: C
         ``train_loss``, or under DP-SGD the client's cumulative ``epsilon``;
         under LDP the released factors, ``epsilon`` and the per-layer budgets).
     """
-    # Imported here, not at module level: clients.trainer registers this
-    # function in TRAINERS, so it imports this module first.
-    from clients.trainer import TRAIN_STREAM, _limit_threads, device
-
     _limit_threads(cfg)
     dev = device()
     data = load_federated_data(cfg)

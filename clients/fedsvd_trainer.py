@@ -24,6 +24,7 @@ from torch import nn
 
 from clients.ldp_release import open_release
 from clients.local_training import train_local
+from clients.trainer import TRAIN_STREAM, _limit_threads, device
 from fedlr.config import Config
 from fedlr.data import load_federated_data
 from fedlr.lowrank.lora import TRAINED_FACTORS, load_lora_state, lora_state
@@ -71,10 +72,6 @@ def train_lora(cfg: Config, partition_id: int, content: RecordDict, context: Con
     fedlr.privacy.BudgetExceededError
         Under DP-SGD, before training, if this round would exceed the budget.
     """
-    # Imported here, not at module level: clients.trainer registers this
-    # function in TRAINERS, so it imports this module first.
-    from clients.trainer import TRAIN_STREAM, _limit_threads, device
-
     _limit_threads(cfg)
     dev = device()
     data = load_federated_data(cfg)

@@ -14,9 +14,8 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from torch import nn
 
-from clients.daringfed_trainer import train_daringfed
-from clients.fedmud_trainer import train_fedmud
-from clients.fedsvd_trainer import train_lora
+import importlib
+
 from clients.ldp_release import open_release
 from clients.local_training import train_local
 from fedlr.config import Config
@@ -83,16 +82,28 @@ def train_dense(cfg: Config, partition_id: int, content: RecordDict, context: Co
     return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
-# method -> client-side training; a method's trainer receives the node's Context
-# so it can keep per-client state (``context.state``) across rounds.
+# method -> "module:function" of its client-side training; a method's trainer
+# receives the node's Context so it can keep per-client state (``context.state``)
+# across rounds. Imported on first use: every Ray actor imports this module at
+# start-up, and the other methods' dependencies (SciPy's optimizers for
+# DaringFed, the LoRA and MUD codecs) would add a second to each actor's start.
 Trainer = Callable[[Config, int, RecordDict, Context], RecordDict]
-TRAINERS: dict[str, Trainer] = {
-    "fedavg": train_dense, "fedprox": train_dense, "fedadam": train_dense, "fedmud": train_fedmud,
-    "fedsvd": train_lora, "ffa-lora": train_lora, "fedavg-lora": train_lora, "fedre": train_dense,
-    "daringfed": train_daringfed,
+TRAINERS: dict[str, str] = {
+    "fedavg": "clients.trainer:train_dense", "fedprox": "clients.trainer:train_dense",
+    "fedadam": "clients.trainer:train_dense", "fedre": "clients.trainer:train_dense",
+    "fedmud": "clients.fedmud_trainer:train_fedmud",
+    "fedsvd": "clients.fedsvd_trainer:train_lora", "ffa-lora": "clients.fedsvd_trainer:train_lora",
+    "fedavg-lora": "clients.fedsvd_trainer:train_lora",
+    "daringfed": "clients.daringfed_trainer:train_daringfed",
 }
+
+
+def trainer_for(method: str) -> Trainer:
+    """The client-side training function of ``method``."""
+    module, name = TRAINERS[method].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def train(cfg: Config, partition_id: int, content: RecordDict, context: Context) -> RecordDict:
     """Run this client's local training for ``cfg['method']``."""
-    return TRAINERS[cfg["method"]](cfg, partition_id, content, context)
+    return trainer_for(cfg["method"])(cfg, partition_id, content, context)
