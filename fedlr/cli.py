@@ -258,6 +258,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from fedlr.study import run_study
+
+    try:
+        return run_study(args.study, out=Path(args.out) if args.out else None, jobs=args.jobs,
+                         overrides=args.set, quiet=args.quiet)
+    except KeyboardInterrupt:
+        # Not main()'s --resume hint: the study resumes by running the same command.
+        print("fedlr: interrupted; run the same command again to resume (completed runs are cached)",
+              file=sys.stderr)
+        return 130
+
+
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     from fedlr.deploy import run_local
 
@@ -327,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep directory (default: results/sweep-<time>)")
     common(sweep)
     sweep.set_defaults(func=cmd_sweep)
+
+    study = sub.add_parser("study", help="a privacy / communication trade-off study: codecs x privacy x data x seeds")
+    study.add_argument("study", metavar="STUDY.toml")
+    study.add_argument("--out", help="study directory (default: results/study-<file name>); re-running resumes")
+    study.add_argument("--jobs", type=int, default=None,
+                       help="runs at once, each with its share of the CPUs (default: half the cores, at least 1)")
+    study.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a [base] key")
+    study.add_argument("-q", "--quiet", action="store_true", help="no per-run progress lines or final table")
+    study.set_defaults(func=cmd_study)
 
     report = sub.add_parser("report", help="a Markdown table from run or sweep directories")
     report.add_argument("dirs", nargs="+")
