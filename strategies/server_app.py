@@ -31,6 +31,30 @@ from strategies.base import ClientFailure, Diverged
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.toml"
 NODE_WAIT_S = 120.0
+# Start-up queries under fedlr run: enough to reach every actor of a machine
+# (actors = CPUs / simulation.num_cpus), far fewer than 10,000 nodes.
+WARM_UP_QUERIES = 32
+
+
+def _query(grid: Grid, node_ids: list[int], cfg: Config) -> list[Message]:
+    """Send the start-up query to ``node_ids``; every node must answer without error."""
+    queries = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY)
+        for nid in node_ids
+    ]
+    # A generous floor: under load, actors start slowly, and a short round timeout
+    # (meant for training) must not abort start-up.
+    timeout = max(NODE_WAIT_S, cfg["simulation.round_timeout"])
+    replies = list(grid.send_and_receive(queries, timeout=timeout))
+    if len(replies) < len(queries):
+        raise RuntimeError(
+            f"{len(queries) - len(replies)} of {len(queries)} nodes did not answer the start-up query within "
+            f"{timeout:.0f} s (machine overloaded, or nodes down?)"
+        )
+    for msg in replies:
+        if msg.has_error():
+            raise ClientFailure(f"node {msg.metadata.src_node_id} failed the start-up query: {msg.error.reason}")
+    return replies
 
 
 def discover_nodes(grid: Grid, cfg: Config) -> dict[int, int]:
@@ -49,6 +73,13 @@ def discover_nodes(grid: Grid, cfg: Config) -> dict[int, int]:
             raise RuntimeError(f"the simulation registered {len(captured)} nodes but num_clients = {expected}")
         if sorted(captured.values()) != list(range(expected)):
             raise RuntimeError(f"partition ids {sorted(captured.values())} are not 0..{expected - 1}")
+        # Warm the engine: Ray's actors start (and import torch) on their first
+        # message. A few queries, under the generous start-up timeout, absorb that,
+        # so round 1's simulation.round_timeout measures training as every other round.
+        warm = sorted(captured, key=captured.__getitem__)[:WARM_UP_QUERIES]
+        for msg in _query(grid, warm, cfg):
+            if int(msg.content["info"]["partition-id"]) != captured[msg.metadata.src_node_id]:
+                raise RuntimeError(f"node {msg.metadata.src_node_id} disagrees with the engine's partition mapping")
         return captured
     deadline = time.monotonic() + NODE_WAIT_S
     while len(node_ids := sorted(grid.get_node_ids())) < expected:
@@ -62,23 +93,8 @@ def discover_nodes(grid: Grid, cfg: Config) -> dict[int, int]:
             f"{len(node_ids)} nodes are connected but num_clients = {expected}; "
             "start exactly num_clients SuperNodes (flwr run: --federation-config num-supernodes=N)"
         )
-    queries = [
-        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY)
-        for nid in node_ids
-    ]
-    # A generous floor: under load, actors start slowly, and a short round timeout
-    # (meant for training) must not abort start-up.
-    timeout = max(NODE_WAIT_S, cfg["simulation.round_timeout"])
-    replies = list(grid.send_and_receive(queries, timeout=timeout))
-    if len(replies) < len(queries):
-        raise RuntimeError(
-            f"{len(queries) - len(replies)} of {len(queries)} nodes did not answer the start-up query within "
-            f"{timeout:.0f} s (machine overloaded, or nodes down?)"
-        )
     node_to_partition: dict[int, int] = {}
-    for msg in replies:
-        if msg.has_error():
-            raise ClientFailure(f"node {msg.metadata.src_node_id} failed the start-up query: {msg.error.reason}")
+    for msg in _query(grid, node_ids, cfg):
         info = msg.content["info"]
         if int(info["num-partitions"]) != expected:
             raise RuntimeError(
