@@ -46,8 +46,9 @@ def measure(argv: list[str], poll_s: float = 0.1) -> dict[str, float]:
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(_rss(p) for p in tree))
-            peak_pss = max(peak_pss, sum(_pss(p) for p in tree))
+            usage = [_memory(p) for p in tree]
+            peak = max(peak, sum(rss for rss, _ in usage))
+            peak_pss = max(peak_pss, sum(pss for _, pss in usage))
         except psutil.Error:
             pass
         time.sleep(poll_s)
@@ -59,18 +60,18 @@ def measure(argv: list[str], poll_s: float = 0.1) -> dict[str, float]:
     return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "peak_pss_mb": peak_pss / 2**20, **result}
 
 
-def _pss(p: psutil.Process) -> int:
+def _memory(p: psutil.Process) -> tuple[int, int]:
+    """(RSS, PSS) of one process from a single read; PSS is 0 where the OS lacks it."""
     try:
-        return getattr(p.memory_full_info(), "pss", 0)  # Linux only; 0 elsewhere
+        info = p.memory_full_info()
+        return info.rss, getattr(info, "pss", 0)
+    except psutil.AccessDenied:
+        try:
+            return p.memory_info().rss, 0
+        except psutil.Error:
+            return 0, 0
     except psutil.Error:
-        return 0
-
-
-def _rss(p: psutil.Process) -> int:
-    try:
-        return p.memory_info().rss
-    except psutil.Error:
-        return 0
+        return 0, 0
 
 
 # -------------------------------------------------------- the two workloads

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +65,37 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+NODE_OFFSET = 1000  # fake Flower node ids in strategy tests: partition id + offset
+
+
+class LocalGrid:
+    """A Flower grid whose nodes are calls of a client function in this process,
+    one persistent ``Context`` per client (strategy tests without Ray).
+
+    ``log`` keeps (partition, config sent, metrics replied) of every exchange, in order.
+    """
+
+    def __init__(self, cfg: dict[str, Any], client_fn: Callable[..., Any]) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.cfg = cfg
+        self.client_fn = client_fn
+        self.contexts = {
+            p: Context(run_id=1, node_id=NODE_OFFSET + p, node_config={"partition-id": p}, state=RecordDict(),
+                       run_config={})
+            for p in range(cfg["num_clients"])
+        }
+        self.log: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
+
+    def send_and_receive(self, messages: list[Any], timeout: float | None = None) -> list[Any]:
+        from flwr.app import Message
+
+        replies = []
+        for msg in messages:
+            pid = msg.metadata.dst_node_id - NODE_OFFSET
+            content = self.client_fn(self.cfg, pid, msg.content, self.contexts[pid])
+            self.log.append((pid, dict(msg.content["config"]), dict(content["metrics"])))
+            replies.append(Message(content, reply_to=msg))
+        return replies

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 import fedlr.pricing
 import fedlr.pricing.game
@@ -48,9 +48,8 @@ from fedlr.training import evaluate
 from strategies import build_strategy
 from strategies.base import ClientFailure
 from strategies.daringfed import DaringFed
-from tests.conftest import read_jsonl, run_cli
+from tests.conftest import NODE_OFFSET, LocalGrid, read_jsonl, run_cli
 
-NODE_OFFSET = 1000  # fake Flower node ids: partition id + offset
 OFFER_KEYS = {"server-round", "mu", "x", "price", "signal"}
 
 
@@ -63,29 +62,6 @@ def make_cfg(**over: Any) -> Config:
         "clients_per_round": 1, "partition": "iid", "local_epochs": 1, "batch_size": 32, "lr": 0.05,
     }
     return config_mod.resolve({**base, **over})
-
-
-class LocalGrid:
-    """A Flower grid whose nodes are ``train_daringfed`` calls in this process, one Context per client."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.contexts = {
-            p: Context(run_id=1, node_id=NODE_OFFSET + p, node_config={"partition-id": p}, state=RecordDict(),
-                       run_config={})
-            for p in range(cfg["num_clients"])
-        }
-        # (partition, config sent, metrics replied) of every exchange, in order.
-        self.log: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
-
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            pid = msg.metadata.dst_node_id - NODE_OFFSET
-            content = train_daringfed(self.cfg, pid, msg.content, self.contexts[pid])
-            self.log.append((pid, dict(msg.content["config"]), dict(content["metrics"])))
-            replies.append(Message(content, reply_to=msg))
-        return replies
 
 
 def new_strategy(cfg: Config) -> DaringFed:
@@ -113,7 +89,7 @@ def run_arrivals(cfg: Config, strategy: DaringFed, arrays: ArrayRecord, first: i
     data = load_federated_data(cfg)
     model = build_model(cfg, data.input_shape, data.num_classes)
     x, y = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
-    run = Run([], [], [], LocalGrid(cfg))
+    run = Run([], [], [], LocalGrid(cfg, train_daringfed))
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())

@@ -11,38 +11,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord
 
 from clients.trainer import train_dense
 from fedlr import config as config_mod
-from fedlr.config import Config
 from fedlr.data import load_federated_data
 from fedlr.models import build_model
 from strategies import build_strategy
 from strategies.base import Diverged, non_finite_arrays
-
-NODE_OFFSET = 1000
+from tests.conftest import NODE_OFFSET, LocalGrid
 
 pytestmark = pytest.mark.usefixtures("isolated_flower")
-
-
-class LocalGrid:
-    """Nodes that are ``train_dense`` calls in this process."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.contexts = {
-            p: Context(run_id=1, node_id=NODE_OFFSET + p, node_config={"partition-id": p}, state=RecordDict(),
-                       run_config={})
-            for p in range(cfg["num_clients"])
-        }
-
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
-        return [
-            Message(train_dense(self.cfg, m.metadata.dst_node_id - NODE_OFFSET, m.content,
-                                self.contexts[m.metadata.dst_node_id - NODE_OFFSET]), reply_to=m)
-            for m in messages
-        ]
 
 
 def run(lr: float) -> list[dict[str, Any]]:
@@ -55,7 +34,7 @@ def run(lr: float) -> list[dict[str, Any]]:
     model = build_model(cfg, data.input_shape, data.num_classes)
     rows: list[dict[str, Any]] = []
     strategy.run_rounds(
-        LocalGrid(cfg), ArrayRecord(model.state_dict()), lambda t, arrays: {"test_accuracy": 0.0},
+        LocalGrid(cfg, train_dense), ArrayRecord(model.state_dict()), lambda t, arrays: {"test_accuracy": 0.0},
         lambda t, arrays, row: rows.append(row),
     )
     return rows
