@@ -16,7 +16,6 @@ from torch import nn
 
 import importlib
 
-from clients.ldp_release import open_release
 from clients.local_training import train_local
 from fedlr.config import Config
 from fedlr.data import load_federated_data
@@ -63,7 +62,12 @@ def train_dense(cfg: Config, partition_id: int, content: RecordDict, context: Co
     num_examples = len(y)
     config = content["config"]
     server_round = int(config["server-round"])
-    release = open_release(cfg, partition_id, server_round, model, context)  # None unless privacy.mechanism = "ldp"
+    release = None
+    if cfg["privacy.mechanism"] == "ldp":
+        # Imported here: the LDP code pulls in SciPy, which every other actor would load for nothing.
+        from clients.ldp_release import open_release
+
+        release = open_release(cfg, partition_id, server_round, model, context)
     train_metrics = train_local(
         cfg, model, x, y, context=context,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -102,6 +106,20 @@ def trainer_for(method: str) -> Trainer:
     """The client-side training function of ``method``."""
     module, name = TRAINERS[method].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+DENSE_METHODS = frozenset(m for m, ref in TRAINERS.items() if ref == "clients.trainer:train_dense")
+
+
+def warm(cfg: Config) -> None:
+    """Do, when a Ray actor is created, what its first message would otherwise wait for:
+    torch's thread count, the method's trainer imports, the dataset cache and
+    (dense methods) the model, so the first round trains instead of importing."""
+    _limit_threads(cfg)
+    trainer_for(cfg["method"])
+    data = load_federated_data(cfg)
+    if cfg["method"] in DENSE_METHODS:
+        _model(cfg, data.input_shape, data.num_classes, device())
 
 
 def train(cfg: Config, partition_id: int, content: RecordDict, context: Context) -> RecordDict:

@@ -2,7 +2,7 @@
 
 ``fedlr run`` drives Flower's Simulation Runtime (``run_simulation``, Ray
 backend) unchanged, except for two hot spots that this module replaces while a
-run is in progress (:func:`tuned_engine`), both measured with ``fedlr bench``:
+run is in progress (:func:`tuned_engine`), all measured with ``fedlr bench``:
 
 * **Delivery.** Flower's ``vce_api.add_messages_to_queue`` calls
   ``InMemoryLinkState.get_message_ins(node, limit=1)`` for *every* registered
@@ -20,7 +20,11 @@ run is in progress (:func:`tuned_engine`), both measured with ``fedlr bench``:
   being asked of every node with a start-up query (one Ray call per node).
   Under ``flwr run`` and deployments nothing is patched and the query is used.
 
-Both patches check that they match the Flower they patch (``InMemoryLinkState``
+* **Backend.** Flower's ``RayBackend`` is replaced by
+  :class:`fedlr.raypool.FedlrRayBackend` (warm actors started early, the
+  ClientApp sent once per actor, two messages in flight per actor).
+
+The patches check that they match the Flower they patch (``InMemoryLinkState``
 and the functions' presence) and otherwise leave Flower's own code in place, so
 a different Flower version is slower, never wrong.
 """
@@ -96,8 +100,10 @@ def _patchable() -> tuple[Any, Any] | None:
 
 
 @contextlib.contextmanager
-def tuned_engine() -> Iterator[bool]:
-    """Install :func:`deliver_messages` and node-mapping capture for one in-process simulation.
+def tuned_engine(ray_start: Any = None) -> Iterator[bool]:
+    """Install :func:`deliver_messages`, node-mapping capture and fedlr's Ray backend
+    (taking Ray and its actors from ``ray_start``, a :class:`fedlr.raypool.RayStart`)
+    for one in-process simulation.
 
     Yields whether the patches are in place; restores Flower's functions on exit.
     """
@@ -106,6 +112,11 @@ def tuned_engine() -> Iterator[bool]:
         yield False
         return
     vce_api, in_memory = found
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from fedlr import raypool
+
+    original_backend = raybackend.RayBackend
     original_deliver: Callable[..., None] = vce_api.add_messages_to_queue
     original_register: Callable[..., dict[int, int]] = vce_api._register_nodes
 
@@ -127,11 +138,16 @@ def tuned_engine() -> Iterator[bool]:
     _ACTIVE.set()
     vce_api.add_messages_to_queue = add_messages_to_queue
     vce_api._register_nodes = register_nodes
+    # start_vce imports RayBackend from this module when it builds the backend.
+    raybackend.RayBackend = raypool.FedlrRayBackend
+    raypool.install(ray_start)
     try:
         yield True
     finally:
         vce_api.add_messages_to_queue = original_deliver
         vce_api._register_nodes = original_register
+        raybackend.RayBackend = original_backend
+        raypool.install(None)
         NODE_PARTITIONS.clear()
         _REGISTERED.clear()
         _ACTIVE.clear()

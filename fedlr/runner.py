@@ -81,27 +81,32 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
     # Build the dataset cache before Ray starts: actors then only read it, and a
     # missing hub dataset fails here instead of inside every client.
     data = load_federated_data(cfg)
+    from strategies import preflight
+
+    preflight(cfg, data)
+    # Nothing can fail on the configuration any more: start Ray and the client
+    # actors now, in the background, while this process imports the rest.
+    from fedlr.raystart import RayStart
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
+    # Ray 2.55 announces a future change of GPU visibility at num_gpus = 0; fedlr
+    # relies on today's behaviour (actors without a GPU share see none).
+    warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
+    ray_start = RayStart(cfg, verbose).begin()
 
     from flwr.simulation import run_simulation
 
     from clients.client_app import CLIENT_STATE_DIR, make_client_app
-    from strategies import preflight
     from strategies.server_app import make_server_app
-
-    preflight(cfg, data)
 
     flwr_logger = logging.getLogger("flwr")
     # Without --verbose fedlr reports failures itself (once, with the client's
     # traceback); Flower would log each one several times through Ray.
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     flwr_logger.addFilter(_DropDeprecation())
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
-    # Ray 2.55 announces a future change of GPU visibility at num_gpus = 0; fedlr
-    # relies on today's behaviour (actors without a GPU share see none).
-    warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
     finished = threading.Event()
     try:
-        with tuned_engine():  # fedlr.engine: faster delivery, no start-up query
+        with tuned_engine(ray_start):  # fedlr.engine: warm actors, faster delivery, no start-up query
             run_simulation(
                 server_app=make_server_app(cfg, out, resume=resume, quiet=quiet, on_exit=_reaper(out, finished)),
                 client_app=make_client_app(cfg, out / CLIENT_STATE_DIR),
@@ -118,6 +123,7 @@ def run_experiment(cfg: Config, out: Path, *, resume: bool = False, quiet: bool 
             raise RunFailed(str(err)) from err
     finally:
         finished.set()
+        ray_start.close()
     status = _status(out)
     if status.get("status") != "completed":
         raise RunFailed(status.get("error", "the ServerApp ended without completing the run"))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fedlr.config import LORA_METHODS, Config, ConfigError
 from fedlr.data import FederatedData
-from strategies.base import FedlrStrategy
+
+if TYPE_CHECKING:  # importing strategies.base loads torch and Flower; preflight of dense methods needs neither
+    from strategies.base import FedlrStrategy
 
 
 def preflight(cfg: Config, data: FederatedData) -> None:

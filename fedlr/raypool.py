@@ -1,0 +1,89 @@
+"""The Ray side of ``fedlr run``: an early, lean Ray start, warm client actors, and
+the Flower backend that uses them.
+
+Flower's Ray backend (``flwr.server.superlink.fleet.vce.backend.raybackend``)
+starts Ray and its actors only when the simulation engine's thread gets to it,
+after the driver has imported everything; each actor then imports torch and
+Flower on its first message; every message pickles the ClientApp loader along
+with the message; Measured with ``fedlr bench``,
+those were the bulk of fedlr's overhead against a plain PyTorch loop. Here:
+
+* :mod:`fedlr.raystart` starts a lean Ray and creates the client actors in a
+  background thread as soon as the data cache and the preflight checks are
+  done, so Ray's daemons and the actors' imports run while the driver imports
+  Flower and torch.
+* :class:`fedlr.actor.FedlrClientActor` imports the method's client code, sets
+  torch's threads to its CPU share and loads the dataset cache when it is
+  created, and receives the ClientApp loader once.
+
+One message per actor at a time, as in Flower: queueing a second message behind
+the running one (tried) did not shorten rounds, and a client that hangs would
+take the queued one down with it.
+
+Everything falls back to Flower's own behaviour when a piece does not apply
+(no warm actors, a different Ray): slower, never different results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from flwr.app import Context, Message
+from flwr.clientapp.client_app import ClientApp
+from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+from fedlr.actor import FedlrClientActor
+
+
+_START: Any = None  # the fedlr.raystart.RayStart of the run in progress
+
+
+def install(start: Any) -> None:
+    """Make :class:`FedlrRayBackend` take its Ray and actors from ``start``."""
+    global _START
+    _START = start
+
+
+class FedlrRayBackend(RayBackend):
+    """Flower's Ray backend with warm actors and a once-per-actor ClientApp (module docstring)."""
+
+    def init_ray(self, backend_config: Any) -> None:
+        if _START is not None:
+            _START.wait()
+        if not ray.is_initialized():
+            super().init_ray(backend_config)
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        pool = BasicActorPool(actor_type=FedlrClientActor, client_resources=self.client_resources, actor_kwargs={})
+        actors = _START.take_actors() if _START is not None else []
+        actors += [pool.create_actor_fn() for _ in range(max(pool.actors_capacity - len(actors), 0))]
+        for actor in actors:
+            actor.set_app.remote(app_fn)  # Ray runs it before the actor's first run
+        pool.pool = actors
+        pool.num_actors = len(actors)  # Flower starts one worker thread per actor
+        self.pool = pool
+        self.app_fn = app_fn
+
+    def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
+        if self.pool is None:
+            raise ValueError("The actor pool is empty, unfit to process messages.")
+        future = None
+        try:
+            future = self.pool.submit(
+                lambda actor, _app_fn, msg, cid, state: actor.run.remote(msg, cid, state),
+                (self.app_fn, message, str(context.node_config["partition-id"]), context),
+            )
+            return self.pool.fetch_result_and_return_actor_to_pool(future)
+        except Exception:
+            if future is not None and future in self.pool._future_to_actor:
+                self.pool.add_actor_back_to_pool(future)
+            raise
+
+    def terminate(self) -> None:
+        if self.pool:
+            for actor in self.pool.pool:
+                actor.terminate.remote()
+        ray.shutdown()
