@@ -20,7 +20,7 @@ from clients.local_training import train_local
 from fedlr.config import Config
 from fedlr.data import load_federated_data
 from fedlr.models import build_model
-from fedlr.training import derive_seed
+from fedlr.training import derive_seed, local_sgd
 
 TRAIN_STREAM = 2  # seed stream of local batch order (see strategies.base.SAMPLING_STREAM)
 
@@ -119,7 +119,12 @@ def warm(cfg: Config) -> None:
     trainer_for(cfg["method"])
     data = load_federated_data(cfg)
     if cfg["method"] in DENSE_METHODS:
-        _model(cfg, data.input_shape, data.num_classes, device())
+        model = _model(cfg, data.input_shape, data.num_classes, device())
+        # One step at lr = 0 on two examples: torch builds its kernels and autograd
+        # graph on the first backward pass (≈ 0.5 s here), which round 1 would wait
+        # for. The weights do not move and every message loads its own anyway.
+        x, y = (torch.from_numpy(a[:2]).to(device()) for a in data.client(0))
+        local_sgd(model, x, y, epochs=1, batch_size=2, lr=0.0, seed=0)
 
 
 def train(cfg: Config, partition_id: int, content: RecordDict, context: Context) -> RecordDict:

@@ -38,17 +38,21 @@ def measure(argv: list[str], poll_s: float = 0.1) -> dict[str, float]:
     mapped by the driver and by each Ray actor) once per process, and summed
     PSS (proportional set size), which splits shared pages among the processes
     that map them and so adds up to the physical memory the tree occupies.
+    Also the peak PSS of each part of the tree (:func:`_role`).
     """
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = peak_pss = 0
+    roles: dict[str, int] = {}
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            usage = [_memory(p) for p in tree]
-            peak = max(peak, sum(rss for rss, _ in usage))
-            peak_pss = max(peak_pss, sum(pss for _, pss in usage))
+            usage = [(_role(p, root), *_memory(p)) for p in tree]
+            peak = max(peak, sum(rss for _, rss, _ in usage))
+            peak_pss = max(peak_pss, sum(pss for _, _, pss in usage))
+            for role in {r for r, _, _ in usage}:
+                roles[role] = max(roles.get(role, 0), sum(pss for r, _, pss in usage if r == role))
         except psutil.Error:
             pass
         time.sleep(poll_s)
@@ -57,7 +61,21 @@ def measure(argv: list[str], poll_s: float = 0.1) -> dict[str, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} … failed:\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "peak_pss_mb": peak_pss / 2**20, **result}
+    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "peak_pss_mb": peak_pss / 2**20,
+            **{f"pss_{role}_mb": v / 2**20 for role, v in roles.items()}, **result}
+
+
+
+def _role(p: psutil.Process, root: psutil.Process) -> str:
+    """``driver`` (the measured process), ``actors`` (client actors and Ray's idle
+    workers, which become actors) or ``ray`` (GCS, raylet, agents, monitors)."""
+    if p.pid == root.pid:
+        return "driver"
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return "ray"
+    return "actors" if any(k in cmd for k in ("ClientActor", "ClientAppActor", "ray::IDLE", "default_worker")) else "ray"
 
 
 def _memory(p: psutil.Process) -> tuple[int, int]:
@@ -165,6 +183,8 @@ def bench_overhead(overrides: dict[str, Any]) -> str:
         f"{sim['peak_rss_mb'] / plain['peak_rss_mb']:.2f}x |",
         f"| peak memory (process tree PSS) | {plain['peak_pss_mb']:.0f} MB | {sim['peak_pss_mb']:.0f} MB | "
         f"{sim['peak_pss_mb'] / max(plain['peak_pss_mb'], 1e-9):.2f}x |",
+        *(f"| peak PSS of the {label} | {plain.get(f'pss_{role}_mb', 0):.0f} MB | {sim.get(f'pss_{role}_mb', 0):.0f} MB | |"
+          for role, label in (("driver", "driver process"), ("actors", "client actors"), ("ray", "Ray daemons"))),
         f"| final accuracy | {plain['final_accuracy']:.4f} | {sim['final_accuracy']:.4f} | {same} |",
         f"| time per round (rounds 2..{cfg['rounds']}) | {plain['round_s']:.3f} s | {sim['round_s']:.3f} s | "
         f"{sim['round_s'] / plain['round_s']:.2f}x |",
@@ -249,4 +269,7 @@ def bench_methods() -> str:
 
 
 if __name__ == "__main__":
+    from fedlr.cli import exit_now
+
     _worker(sys.argv[1], sys.argv[2])
+    exit_now(0)  # as the fedlr command ends, for both sides alike

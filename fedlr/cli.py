@@ -404,5 +404,23 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def exit_now(code: int) -> None:
+    """End the process with ``code`` once the atexit handlers have run, skipping the
+    interpreter's teardown: freeing torch's, Flower's and Ray's modules object by
+    object took 0.7 s at the end of every command, after everything was written."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def console() -> None:
+    """The ``fedlr`` console script: :func:`main`, then :func:`exit_now`."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -83,7 +83,9 @@ class FedlrRayBackend(RayBackend):
             raise
 
     def terminate(self) -> None:
+        from fedlr.raystart import shutdown_ray
+
         if self.pool:
             for actor in self.pool.pool:
-                actor.terminate.remote()
-        ray.shutdown()
+                ray.kill(actor)  # the run is over: nothing in an actor is left to finish
+        shutdown_ray(lean=_START is not None and _START.lean)

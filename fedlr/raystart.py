@@ -21,6 +21,7 @@ other machines need.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import threading
@@ -33,6 +34,36 @@ import ray
 def client_resources(cfg: dict[str, Any]) -> dict[str, float]:
     """Ray resources of one client actor, from ``[simulation]``."""
     return {"num_cpus": cfg["simulation.num_cpus"], "num_gpus": cfg["simulation.num_gpus"]}
+
+
+# Modules ray.init imports on first use (Ray 2.55: usage statistics, the
+# dashboard's package, the uv runtime-env hook, NVML), loaded before the start
+# thread runs so that it imports nothing the main thread may be importing.
+RAY_INIT_IMPORTS = (
+    "ray._common.usage.usage_lib", "ray.core.generated.usage_pb2", "aiohttp.web", "email.policy", "netrc",
+    "ray._common.pydantic_compat", "ray.dashboard", "ray._private.runtime_env.uv_runtime_env_hook",
+    "ray._private.thirdparty.pynvml", "ray._private.services", "ray._private.node", "ray._private.parameter",
+)
+
+
+def actors_that_fit(resources: dict[str, float]) -> int:
+    """How many client actors the cluster holds, node by node (as Flower's
+    ``pool_size_from_resources``, which lives in the heavy ``flwr.simulation``)."""
+    total = 0
+    for node in ray.nodes():
+        have = node.get("Resources") or {}
+        if not have:  # a node that left
+            continue
+        count = int(have.get("CPU", 0) / resources["num_cpus"])
+        if resources.get("num_gpus", 0) > 0:
+            count = min(count, int(have.get("GPU", 0) / resources["num_gpus"]))
+        total += count
+    if total == 0:
+        raise ValueError(
+            f"no node of the Ray cluster fits one client with simulation.num_cpus = {resources['num_cpus']} "
+            f"and simulation.num_gpus = {resources['num_gpus']}"
+        )
+    return total
 
 
 class RayStart:
@@ -50,6 +81,16 @@ class RayStart:
         self._thread = threading.Thread(target=self._start, name="fedlr-ray-start", daemon=True)
 
     def begin(self) -> RayStart:
+        # Import here, in the calling thread, what the start thread will need:
+        # the actor class (Flower's message types) and what ray.init loads
+        # lazily. Two threads importing overlapping packages at once can see each
+        # other's half-initialized modules (seen: "cannot import name 'Context'
+        # from partially initialized module 'flwr.app'").
+        import fedlr.actor  # noqa: F401
+
+        for module in RAY_INIT_IMPORTS:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
         self._thread.start()
         return self
 
@@ -59,12 +100,10 @@ class RayStart:
         # the *thread* that forked them ends, not the process.
         try:
             init_ray(self.verbose, lean=self.lean)
-            from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
-
             from fedlr.actor import FedlrClientActor
 
             resources = client_resources(self.cfg)
-            count = pool_size_from_resources(resources)
+            count = actors_that_fit(resources)
             make = FedlrClientActor.options(**resources)
             self._actors = [make.remote(self.cfg) for _ in range(count)]
         except BaseException as err:  # reported by wait(), in the engine's thread
@@ -96,6 +135,9 @@ def init_ray(verbose: bool, *, lean: bool) -> None:
     """Start (or join, with ``RAY_ADDRESS``) Ray the way Flower's backend would, but lean."""
     if ray.is_initialized():
         return
+    from fedlr.actor import lean_serialization
+
+    lean_serialization()  # before ray.init creates the driver's serialization context
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
@@ -147,3 +189,43 @@ def lean_head(*, log_monitor: bool) -> Iterator[bool]:
     finally:
         RayParams.__init__ = original_params_init
         Node.start_api_server = original_api_server
+
+
+def shutdown_ray(*, lean: bool) -> None:
+    """``ray.shutdown``; for fedlr's own lean head without the graceful stop.
+
+    Ray stops its daemons one by one with SIGTERM and a grace period (1.1 s of
+    every run here), for spilled objects and a cluster's log files; a private
+    single-run instance has neither to save, so it is killed outright, and with
+    it the raylet's agents and workers, which a killed raylet leaves behind.
+    """
+    node = getattr(ray._private.worker, "_global_node", None) if lean else None
+    try:
+        from ray._private.node import Node
+
+        raylets = node.all_processes.get("raylet", []) if node is not None else []
+        pids = [info.process.pid for info in raylets]
+    except (ImportError, AttributeError):
+        pids = []
+    if not pids:
+        ray.shutdown()
+        return
+    import psutil
+
+    orphans: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            orphans += psutil.Process(pid).children(recursive=True)
+    original = Node.kill_all_processes
+
+    def kill_all_processes(self: Any, check_alive: bool = True, allow_graceful: bool = False, wait: bool = False) -> None:
+        original(self, check_alive=check_alive, allow_graceful=False, wait=wait)
+
+    Node.kill_all_processes = kill_all_processes
+    try:
+        ray.shutdown()
+    finally:
+        Node.kill_all_processes = original
+        for proc in orphans:  # SIGKILL; not waited for: their parent, the raylet, is gone
+            with contextlib.suppress(psutil.Error):
+                proc.kill()

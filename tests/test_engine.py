@@ -74,3 +74,82 @@ def test_grid_poll_is_shortened_only_where_it_exists() -> None:
     other = SimpleNamespace()
     engine.tune_grid(other)
     assert not hasattr(other, "pull_interval")
+
+
+def test_tuned_engine_swaps_in_fedlr_backend_and_restores_flowers() -> None:
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from fedlr import raypool
+
+    original = raybackend.RayBackend
+    start = SimpleNamespace()
+    with engine.tuned_engine(start):
+        assert raybackend.RayBackend is raypool.FedlrRayBackend
+        assert issubclass(raypool.FedlrRayBackend, original)
+        assert raypool._START is start
+    assert raybackend.RayBackend is original
+    assert raypool._START is None
+
+
+def test_lean_head_drops_monitor_dashboard_and_log_monitor_only_while_active() -> None:
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    from fedlr.raystart import lean_head
+
+    api_server = Node.start_api_server
+    with lean_head(log_monitor=False) as lean:
+        assert lean
+        params = RayParams(include_dashboard=False)
+        assert params.no_monitor is True and params.include_log_monitor is False
+        node = SimpleNamespace(_webui_url="http://x")
+        Node.start_api_server(node, include_dashboard=False, raise_on_failure=False)
+        assert node._webui_url is None  # nothing started
+    with lean_head(log_monitor=True):
+        assert RayParams().include_log_monitor is None  # --verbose: Ray's default (a log monitor)
+    assert Node.start_api_server is api_server
+    params = RayParams()
+    assert params.no_monitor is False and params.include_log_monitor is None
+
+
+def test_client_actor_runs_the_app_it_was_given_and_wraps_failures_as_flower_does() -> None:
+    from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+
+    from fedlr.actor import ClientActor
+
+    actor = ClientActor()
+    with pytest.raises(LoadClientAppError, match="before set_app"):
+        actor.run("msg", "3", "ctx")  # type: ignore[arg-type]
+    actor.set_app(lambda: lambda message, context: f"reply to {message}")
+    assert actor.run("msg", "3", "ctx") == ("3", "reply to msg", "ctx")  # type: ignore[arg-type]
+
+    def broken(message: str, context: str) -> str:
+        raise ValueError("client 3 failed: boom")
+
+    actor.set_app(lambda: broken)
+    with pytest.raises(ClientAppException, match="client 3 failed: boom"):
+        actor.run("msg", "3", "ctx")  # type: ignore[arg-type]
+
+
+def test_warm_actor_holds_threads_data_and_model_before_the_first_message() -> None:
+    import torch
+
+    from clients import trainer
+    from fedlr import config as config_mod
+    from fedlr.data import load_federated_data
+
+    cfg = config_mod.resolve({"dataset": "digits", "model": "cnn", "num_clients": 4, "clients_per_round": 2,
+                              "simulation.num_cpus": 1})
+    threads = torch.get_num_threads()
+    trainer._MODELS.clear()
+    trainer._THREADS_SET = False
+    try:
+        trainer.warm(cfg)
+        assert torch.get_num_threads() == 1
+        data = load_federated_data(cfg)
+        key = (cfg["model"], cfg["norm"], cfg["width"], cfg["seed"], data.input_shape, data.num_classes, "cpu")
+        assert list(trainer._MODELS) == [key]
+    finally:
+        torch.set_num_threads(threads)
+        trainer._MODELS.clear()
+        trainer._THREADS_SET = False

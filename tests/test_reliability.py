@@ -98,3 +98,24 @@ def test_unwritable_output_exits_2(tiny_config: Path, tmp_path: Path) -> None:
     proc = run_cli("run", str(tiny_config), "--out", str(blocker / "sub"))
     assert proc.returncode == 2
     assert proc.stderr == f"fedlr: error: --out {blocker / 'sub'}: cannot write there (Not a directory)\n"
+
+
+def test_checkpoints_round_trip_and_torch_saved_ones_still_load(tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    import torch
+
+    from fedlr.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    state = {"m": torch.ones(3), "log": [1, 2]}
+    save_checkpoint(tmp_path, 7, arrays, state)
+    got = load_checkpoint(tmp_path)
+    assert got["round"] == 7 and np.array_equal(got["arrays"]["w"], arrays["w"])
+    assert torch.equal(got["strategy"]["m"], state["m"]) and got["strategy"]["log"] == [1, 2]
+    buf = io.BytesIO()
+    torch.save({"round": 3, "arrays": arrays, "strategy": {}}, buf)  # what earlier versions wrote
+    (tmp_path / CHECKPOINT).write_bytes(buf.getvalue())
+    old = load_checkpoint(tmp_path)
+    assert old["round"] == 3 and np.array_equal(old["arrays"]["w"], arrays["w"])
