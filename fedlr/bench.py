@@ -199,17 +199,23 @@ def _fixed(result: dict[str, float], cfg: Config) -> float:
 
 
 def bench_scale(overrides: dict[str, Any], per_round: list[int]) -> str:
-    rows = ["| clients per round | time per round | time per client | peak RSS | peak PSS |", "|---:|---:|---:|---:|---:|"]
+    """Time per round and peak memory at each clients-per-round, out of 10,000 clients;
+    then the same 10 per round out of 100 clients on the same data, which prices
+    the idle clients: their nodes, Contexts and partitions."""
+    rows = ["| clients per round | clients in total | time per round | time per client | peak RSS | peak PSS |",
+            "|---:|---:|---:|---:|---:|---:|"]
     # 10,000 clients need more samples than digits has: MNIST-1D with 20 per client.
     base = {**OVERHEAD_DEFAULTS, "dataset": "mnist1d", "data.num_samples": 250_000, "num_clients": 10_000,
             "rounds": 4, "model": "mlp", **overrides}
-    for k in per_round:
-        cfg = config_mod.resolve({**base, "clients_per_round": k})
+    points = [(k, base["num_clients"]) for k in per_round] + [(min(per_round), 100)]
+    for k, total in points:
+        cfg = config_mod.resolve({**base, "clients_per_round": k, "num_clients": total})
         res = _run("sim", cfg)
         per = res["round_s"]
-        rows.append(f"| {k} | {per:.2f} s | {1000 * per / k:.1f} ms | {res['peak_rss_mb']:.0f} MB | "
+        rows.append(f"| {k} | {total} | {per:.2f} s | {1000 * per / k:.1f} ms | {res['peak_rss_mb']:.0f} MB | "
                     f"{res['peak_pss_mb']:.0f} MB |")
-    return f"scale: {base['num_clients']} clients in total, {base['rounds']} rounds each\n" + "\n".join(rows)
+    return (f"scale: {base['num_clients']} clients in total, {base['rounds']} rounds each (steady rounds 2..); "
+            f"last row: the same data over 100 clients (each trains on 100x more examples)\n" + "\n".join(rows))
 
 
 def _timeit(fn, repeat: int = 5) -> float:
