@@ -85,7 +85,4 @@ class FedlrRayBackend(RayBackend):
     def terminate(self) -> None:
         from fedlr.raystart import shutdown_ray
 
-        if self.pool:
-            for actor in self.pool.pool:
-                ray.kill(actor)  # the run is over: nothing in an actor is left to finish
-        shutdown_ray(lean=_START is not None and _START.lean)
+        shutdown_ray(lean=_START is not None and _START.lean, actors=list(self.pool.pool) if self.pool else [])

@@ -191,14 +191,32 @@ def lean_head(*, log_monitor: bool) -> Iterator[bool]:
         Node.start_api_server = original_api_server
 
 
-def shutdown_ray(*, lean: bool) -> None:
-    """``ray.shutdown``; for fedlr's own lean head without the graceful stop.
+# Ray is stopped from two threads: the engine's, when the simulation ends, and
+# the runner's reaper, when a hung client keeps the engine from ending. Touching
+# Ray's core worker after a shutdown is a fatal error in C++ (the process exits
+# with 1), so both take this lock and look before they touch.
+_SHUTDOWN = threading.Lock()
+
+
+def shutdown_ray(*, lean: bool, actors: list[Any] = ()) -> None:
+    """Kill ``actors`` and shut Ray down, once, whichever thread comes first.
+
+    For fedlr's own lean head without the graceful stop.
 
     Ray stops its daemons one by one with SIGTERM and a grace period (1.1 s of
     every run here), for spilled objects and a cluster's log files; a private
     single-run instance has neither to save, so it is killed outright, and with
     it the raylet's agents and workers, which a killed raylet leaves behind.
     """
+    with _SHUTDOWN:
+        if not ray.is_initialized():
+            return
+        for actor in actors:
+            ray.kill(actor)  # the run is over: nothing in an actor is left to finish
+        _shutdown(lean)
+
+
+def _shutdown(lean: bool) -> None:
     node = getattr(ray._private.worker, "_global_node", None) if lean else None
     try:
         from ray._private.node import Node

@@ -56,9 +56,9 @@ def _reaper(out: Path, finished: threading.Event) -> Callable[[BaseException | N
         def reap() -> None:
             if finished.wait(10.0):
                 return
-            import ray
+            from fedlr.raystart import shutdown_ray
 
-            ray.shutdown()
+            shutdown_ray(lean=not os.environ.get("RAY_ADDRESS"))
             if finished.wait(5.0):
                 return
             if err is None:
