@@ -125,6 +125,10 @@ def warm(cfg: Config) -> None:
         # for. The weights do not move and every message loads its own anyway.
         x, y = (torch.from_numpy(a[:2]).to(device()) for a in data.client(0))
         local_sgd(model, x, y, epochs=1, batch_size=2, lr=0.0, seed=0)
+        if device().type == "cuda":
+            # Actors share a GPU by fractional num_gpus: keep only the model resident.
+            del x, y
+            torch.cuda.empty_cache()
 
 
 def train(cfg: Config, partition_id: int, content: RecordDict, context: Context) -> RecordDict:

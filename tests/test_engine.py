@@ -153,3 +153,34 @@ def test_warm_actor_holds_threads_data_and_model_before_the_first_message() -> N
         torch.set_num_threads(threads)
         trainer._MODELS.clear()
         trainer._THREADS_SET = False
+
+
+@pytest.mark.ray
+def test_lean_ray_runs_actors_and_leaves_no_process_behind() -> None:
+    import psutil
+    import ray
+
+    from fedlr.actor import FedlrClientActor
+    from fedlr.raystart import actors_that_fit, init_ray, shutdown_ray
+
+    init_ray(False, lean=True)
+    actors, spawned = [], []
+    try:
+        node = ray._private.worker._global_node
+        names = " ".join(" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True))
+        # The private head runs neither the autoscaler monitor nor the dashboard nor the log monitor.
+        assert "monitor.py" not in names and "dashboard.py" not in names and "log_monitor" not in names
+        assert actors_that_fit({"num_cpus": 1, "num_gpus": 0}) == int(ray.cluster_resources()["CPU"])
+        with pytest.raises(ValueError, match="simulation.num_gpus = 1"):
+            actors_that_fit({"num_cpus": 1, "num_gpus": 1})  # no GPU here
+        actors.append(FedlrClientActor.options(num_cpus=1).remote(None))
+        pid = ray.get(actors[0].ready.remote())
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        spawned = [raylet, *raylet.children(recursive=True)]
+        assert pid in {p.pid for p in spawned}
+    finally:
+        shutdown_ray(lean=True, actors=actors)
+    assert not ray.is_initialized()
+    shutdown_ray(lean=True)  # a second stop (the reaper after the engine) is a no-op
+    gone, alive = psutil.wait_procs(spawned, timeout=5)
+    assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
