@@ -18,6 +18,8 @@ import ray
 from flwr.app import Context, Message
 from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
 
+from fedlr.arrays import install as fast_arrays
+
 
 def lean_serialization() -> bool:
     """Register Ray's serializers for pyarrow, pydantic and starlette objects only
@@ -57,8 +59,9 @@ def lean_serialization() -> bool:
 
 
 # A Ray worker imports this module to build the actor, before it deserializes the
-# actor's arguments (which creates its serialization context).
+# actor's arguments (which creates its serialization context) and any message.
 lean_serialization()
+fast_arrays()
 
 
 class ClientActor:
