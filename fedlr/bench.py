@@ -3,9 +3,11 @@
 ``fedlr bench overhead``
     The fedlr simulation (Flower + Ray) against a plain PyTorch loop doing the
     same local training in one process: same model, data, client sampling,
-    batch order and aggregation, so both must reach the same accuracy. Each side
-    runs in a fresh process; wall time includes start-up, peak memory is the
-    summed RSS of the process tree (Ray's processes included).
+    batch order and aggregation, so both must reach the same accuracy; and, to
+    tell Ray's share from Flower's, the same loop hand-written on Ray
+    (:func:`ray_loop`). Each side runs in a fresh process; wall time includes
+    start-up, peak memory is summed over the process tree (Ray's processes
+    included).
 ``fedlr bench scale``
     Time per round and peak memory at several clients-per-round, with a large
     federation of idle clients.
@@ -75,7 +77,7 @@ def _role(p: psutil.Process, root: psutil.Process) -> str:
         cmd = " ".join(p.cmdline())
     except psutil.Error:
         return "ray"
-    return "actors" if any(k in cmd for k in ("ClientActor", "ClientAppActor", "ray::IDLE", "default_worker")) else "ray"
+    return "actors" if any(k in cmd for k in ("ClientActor", "ClientAppActor", "RayTrainer", "ray::IDLE", "default_worker")) else "ray"
 
 
 def _memory(p: psutil.Process) -> tuple[int, int]:
@@ -131,6 +133,84 @@ def plain_loop(cfg: Config) -> dict[str, Any]:
             "round_s": (time.perf_counter() - t_first) / max(cfg["rounds"] - 1, 1)}
 
 
+class RayTrainer:
+    """A client actor of :func:`ray_loop`: warmed as fedlr's actors are
+    (:func:`clients.trainer.warm`), then plain local SGD on NumPy state dicts."""
+
+    def __init__(self, cfg: Config) -> None:
+        from clients.trainer import warm
+
+        warm(cfg)
+        self.cfg = cfg
+
+    def train(self, state: dict[str, Any], pid: int, server_round: int) -> tuple[int, dict[str, Any], int]:
+        import torch
+
+        from clients.trainer import TRAIN_STREAM, _model, device
+        from fedlr.data import load_federated_data
+        from fedlr.training import derive_seed, local_sgd
+
+        cfg = self.cfg
+        data = load_federated_data(cfg)
+        model = _model(cfg, data.input_shape, data.num_classes, device())
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        x, y = (torch.from_numpy(a) for a in data.client(pid))
+        local_sgd(model, x, y, epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+                  momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                  seed=derive_seed(cfg["seed"], TRAIN_STREAM, server_round, pid))
+        return pid, {k: v.detach().numpy() for k, v in model.state_dict().items()}, len(y)
+
+
+def ray_loop(cfg: Config) -> dict[str, Any]:
+    """The same FedAvg hand-written on Ray, without Flower: fedlr's lean Ray and
+    warm actors, the global model put in the object store once per round, each
+    actor given the next client as soon as it is free, aggregation in partition
+    order in the driver as :func:`plain_loop` does. What Ray alone costs."""
+    import ray
+    import torch
+
+    from fedlr.data import load_federated_data
+    from fedlr.models import build_model
+    from fedlr.raystart import actors_that_fit, client_resources, init_ray, shutdown_ray
+    from fedlr.training import evaluate
+    from strategies.base import sample_partitions
+
+    data = load_federated_data(cfg)
+    init_ray(False, lean=True)
+    resources = client_resources(cfg)
+    trainer = ray.remote(RayTrainer).options(**resources)
+    actors = [trainer.remote(cfg) for _ in range(actors_that_fit(resources))]
+    global_model = build_model(cfg, data.input_shape, data.num_classes)
+    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    t_first = time.perf_counter()
+    for server_round in range(1, cfg["rounds"] + 1):
+        if server_round == 2:
+            t_first = time.perf_counter()
+        pids = sample_partitions(cfg["seed"], server_round, cfg["num_clients"], cfg["clients_per_round"])
+        state = ray.put({k: v.numpy() for k, v in global_model.state_dict().items()})
+        todo, idle, running, results = list(pids), list(actors), {}, {}
+        while todo or running:
+            while todo and idle:
+                actor = idle.pop()
+                running[actor.train.remote(state, todo.pop(0), server_round)] = actor
+            done, _ = ray.wait(list(running), num_returns=1)
+            idle.append(running.pop(done[0]))
+            pid, weights, n = ray.get(done[0])
+            results[pid] = (weights, n)
+        total = sum(n for _, n in results.values())
+        acc: dict[str, torch.Tensor] = {}
+        for pid in pids:
+            weights, n = results[pid]
+            for k, v in weights.items():
+                t = torch.from_numpy(v) * (n / total)
+                acc[k] = acc[k] + t if k in acc else t
+        global_model.load_state_dict(acc)
+        metrics = evaluate(global_model, x_test, y_test)
+    shutdown_ray(lean=True, actors=actors)
+    return {"final_accuracy": metrics["test_accuracy"],
+            "round_s": (time.perf_counter() - t_first) / max(cfg["rounds"] - 1, 1)}
+
+
 def fedlr_sim(cfg: Config) -> dict[str, Any]:
     from fedlr.runner import run_experiment
 
@@ -145,7 +225,7 @@ def fedlr_sim(cfg: Config) -> dict[str, Any]:
 
 def _worker(kind: str, cfg_path: str) -> None:
     cfg = config_mod.load(cfg_path)
-    result = plain_loop(cfg) if kind == "plain" else fedlr_sim(cfg)
+    result = {"plain": plain_loop, "ray": ray_loop, "sim": fedlr_sim}[kind](cfg)
     print(json.dumps(result))
 
 
@@ -167,30 +247,37 @@ def bench_overhead(overrides: dict[str, Any]) -> str:
     cfg = config_mod.resolve({**OVERHEAD_DEFAULTS, **overrides})
     from fedlr.data import load_federated_data
 
-    load_federated_data(cfg)  # both sides then read the same warm cache
-    plain, sim = _run("plain", cfg), _run("sim", cfg)
-    gap = abs(plain["final_accuracy"] - sim["final_accuracy"])
-    # Same sampling, seeds and batch order; only torch's thread count differs (the
-    # actors use their CPU share), which reorders float sums in convolutions.
-    same = "identical" if gap < 1e-9 else f"differs by {gap:.4f}"
-    return "\n".join([
+    load_federated_data(cfg)  # every side then reads the same warm cache
+    plain, bare, sim = _run("plain", cfg), _run("ray", cfg), _run("sim", cfg)
+
+    def same(other: dict[str, float]) -> str:
+        # Same sampling, seeds and batch order; only torch's thread count differs (the
+        # actors use their CPU share), which reorders float sums in convolutions.
+        gap = abs(plain["final_accuracy"] - other["final_accuracy"])
+        return "identical" if gap < 1e-9 else f"differs by {gap:.4f}"
+
+    def row(label: str, key: str, fmt: str, unit: str) -> str:
+        p, b, s = plain.get(key, 0.0), bare.get(key, 0.0), sim.get(key, 0.0)
+        ratio = f"{s / p:.2f}x" if p else ""
+        return f"| {label} | {p:{fmt}}{unit} | {b:{fmt}}{unit} | {s:{fmt}}{unit} | {ratio} |"
+
+    lines = [
         f"overhead: {cfg['dataset']}, model {cfg['model']}, {cfg['num_clients']} clients, "
         f"{cfg['clients_per_round']} per round, {cfg['rounds']} rounds (start-up included)",
-        "| | plain PyTorch loop | fedlr (Flower + Ray) | ratio |",
-        "|---|---:|---:|---:|",
-        f"| wall time | {plain['wall_s']:.1f} s | {sim['wall_s']:.1f} s | {sim['wall_s'] / plain['wall_s']:.2f}x |",
-        f"| peak memory (process tree RSS) | {plain['peak_rss_mb']:.0f} MB | {sim['peak_rss_mb']:.0f} MB | "
-        f"{sim['peak_rss_mb'] / plain['peak_rss_mb']:.2f}x |",
-        f"| peak memory (process tree PSS) | {plain['peak_pss_mb']:.0f} MB | {sim['peak_pss_mb']:.0f} MB | "
-        f"{sim['peak_pss_mb'] / max(plain['peak_pss_mb'], 1e-9):.2f}x |",
-        *(f"| peak PSS of the {label} | {plain.get(f'pss_{role}_mb', 0):.0f} MB | {sim.get(f'pss_{role}_mb', 0):.0f} MB | |"
+        "| | plain PyTorch loop | plain Ray loop (no Flower) | fedlr (Flower + Ray) | fedlr / PyTorch loop |",
+        "|---|---:|---:|---:|---:|",
+        row("wall time", "wall_s", ".1f", " s"),
+        row("peak memory (process tree RSS)", "peak_rss_mb", ".0f", " MB"),
+        row("peak memory (process tree PSS)", "peak_pss_mb", ".0f", " MB"),
+        *(row(f"peak PSS of the {label}", f"pss_{role}_mb", ".0f", " MB").rsplit("|", 2)[0] + "| |"
           for role, label in (("driver", "driver process"), ("actors", "client actors"), ("ray", "Ray daemons"))),
-        f"| final accuracy | {plain['final_accuracy']:.4f} | {sim['final_accuracy']:.4f} | {same} |",
-        f"| time per round (rounds 2..{cfg['rounds']}) | {plain['round_s']:.3f} s | {sim['round_s']:.3f} s | "
-        f"{sim['round_s'] / plain['round_s']:.2f}x |",
-        f"| fixed start-up (wall − rounds × time per round) | {_fixed(plain, cfg):.1f} s | {_fixed(sim, cfg):.1f} s | "
-        f"+{_fixed(sim, cfg) - _fixed(plain, cfg):.1f} s |",
-    ])
+        f"| final accuracy | {plain['final_accuracy']:.4f} | {bare['final_accuracy']:.4f} ({same(bare)}) | "
+        f"{sim['final_accuracy']:.4f} ({same(sim)}) | |",
+        row(f"time per round (rounds 2..{cfg['rounds']})", "round_s", ".3f", " s"),
+        f"| fixed start-up (wall − rounds × time per round) | {_fixed(plain, cfg):.1f} s | {_fixed(bare, cfg):.1f} s | "
+        f"{_fixed(sim, cfg):.1f} s | +{_fixed(sim, cfg) - _fixed(plain, cfg):.1f} s |",
+    ]
+    return "\n".join(lines)
 
 
 def _fixed(result: dict[str, float], cfg: Config) -> float:
