@@ -119,13 +119,14 @@ def warm(cfg: Config) -> None:
     trainer_for(cfg["method"])
     data = load_federated_data(cfg)
     if cfg["method"] in DENSE_METHODS:
-        model = _model(cfg, data.input_shape, data.num_classes, device())
+        dev = device()
+        model = _model(cfg, data.input_shape, data.num_classes, dev)
         # One step at lr = 0 on two examples: torch builds its kernels and autograd
         # graph on the first backward pass (≈ 0.5 s here), which round 1 would wait
         # for. The weights do not move and every message loads its own anyway.
-        x, y = (torch.from_numpy(a[:2]).to(device()) for a in data.client(0))
+        x, y = (torch.from_numpy(a[:2]).to(dev) for a in data.client(0))
         local_sgd(model, x, y, epochs=1, batch_size=2, lr=0.0, seed=0)
-        if device().type == "cuda":
+        if dev.type == "cuda":
             # Actors share a GPU by fractional num_gpus: keep only the model resident.
             del x, y
             torch.cuda.empty_cache()

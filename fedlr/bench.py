@@ -94,17 +94,38 @@ def _memory(p: psutil.Process) -> tuple[int, int]:
         return 0, 0
 
 
-# -------------------------------------------------------- the two workloads
+# ------------------------------------------------------ the three workloads
+def train_client(cfg: Config, model: Any, data: Any, pid: int, server_round: int) -> int:
+    """Client ``pid``'s local training in round ``server_round``, with fedlr's batch
+    seeds (``clients.trainer.TRAIN_STREAM``); returns its number of examples."""
+    import torch
+
+    from clients.trainer import TRAIN_STREAM
+    from fedlr.training import derive_seed, local_sgd
+
+    x, y = (torch.from_numpy(a) for a in data.client(pid))
+    local_sgd(model, x, y, epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+              momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+              seed=derive_seed(cfg["seed"], TRAIN_STREAM, server_round, pid))
+    return len(y)
+
+
+def accumulate(acc: dict[str, Any], weights: dict[str, Any], w: float) -> None:
+    """``acc += w · weights``, key by key (a FedAvg sum, taken in partition order
+    by both loops, as fedlr's FedAvg sums replies)."""
+    for k, v in weights.items():
+        acc[k] = acc[k] + v * w if k in acc else v * w
+
+
 def plain_loop(cfg: Config) -> dict[str, Any]:
     """FedAvg as a plain PyTorch loop in one process, mirroring fedlr exactly:
     the same sampling (``sample_partitions``), batch seeds, aggregation order
     (partition id) and weighting (``num-examples``)."""
     import torch
 
-    from clients.trainer import TRAIN_STREAM
     from fedlr.data import load_federated_data
     from fedlr.models import build_model
-    from fedlr.training import derive_seed, evaluate, local_sgd
+    from fedlr.training import evaluate
     from strategies.base import sample_partitions
 
     data = load_federated_data(cfg)
@@ -120,13 +141,7 @@ def plain_loop(cfg: Config) -> dict[str, Any]:
         acc: dict[str, torch.Tensor] = {}
         for pid in pids:
             local.load_state_dict(global_model.state_dict())
-            x, y = (torch.from_numpy(a) for a in data.client(pid))
-            local_sgd(local, x, y, epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                      momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                      seed=derive_seed(cfg["seed"], TRAIN_STREAM, server_round, pid))
-            w = len(y) / total
-            for k, v in local.state_dict().items():
-                acc[k] = acc[k] + v * w if k in acc else v * w
+            accumulate(acc, local.state_dict(), train_client(cfg, local, data, pid, server_round) / total)
         global_model.load_state_dict(acc)
         metrics = evaluate(global_model, x_test, y_test)
     return {"final_accuracy": metrics["test_accuracy"],
@@ -146,19 +161,14 @@ class RayTrainer:
     def train(self, state: dict[str, Any], pid: int, server_round: int) -> tuple[int, dict[str, Any], int]:
         import torch
 
-        from clients.trainer import TRAIN_STREAM, _model, device
+        from clients.trainer import _model, device
         from fedlr.data import load_federated_data
-        from fedlr.training import derive_seed, local_sgd
 
-        cfg = self.cfg
-        data = load_federated_data(cfg)
-        model = _model(cfg, data.input_shape, data.num_classes, device())
+        data = load_federated_data(self.cfg)
+        model = _model(self.cfg, data.input_shape, data.num_classes, device())
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-        x, y = (torch.from_numpy(a) for a in data.client(pid))
-        local_sgd(model, x, y, epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                  momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                  seed=derive_seed(cfg["seed"], TRAIN_STREAM, server_round, pid))
-        return pid, {k: v.detach().numpy() for k, v in model.state_dict().items()}, len(y)
+        n = train_client(self.cfg, model, data, pid, server_round)
+        return pid, {k: v.detach().numpy() for k, v in model.state_dict().items()}, n
 
 
 def ray_loop(cfg: Config) -> dict[str, Any]:
@@ -201,9 +211,7 @@ def ray_loop(cfg: Config) -> dict[str, Any]:
         acc: dict[str, torch.Tensor] = {}
         for pid in pids:
             weights, n = results[pid]
-            for k, v in weights.items():
-                t = torch.from_numpy(v) * (n / total)
-                acc[k] = acc[k] + t if k in acc else t
+            accumulate(acc, {k: torch.from_numpy(v) for k, v in weights.items()}, n / total)
         global_model.load_state_dict(acc)
         metrics = evaluate(global_model, x_test, y_test)
     shutdown_ray(lean=True, actors=actors)

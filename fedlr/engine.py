@@ -1,7 +1,7 @@
 """Tuning of Flower 1.41's in-process simulation engine for many nodes and short rounds.
 
 ``fedlr run`` drives Flower's Simulation Runtime (``run_simulation``, Ray
-backend) unchanged, except for two hot spots that this module replaces while a
+backend) unchanged, except for the hot spots that this module replaces while a
 run is in progress (:func:`tuned_engine`), all measured with ``fedlr bench``:
 
 * **Delivery.** Flower's ``vce_api.add_messages_to_queue`` calls
@@ -25,7 +25,7 @@ run is in progress (:func:`tuned_engine`), all measured with ``fedlr bench``:
   second later.
 * **Backend.** Flower's ``RayBackend`` is replaced by
   :class:`fedlr.raypool.FedlrRayBackend` (warm actors started early, the
-  ClientApp sent once per actor, two messages in flight per actor).
+  ClientApp sent once per actor).
 
 The patches check that they match the Flower they patch (``InMemoryLinkState``
 and the functions' presence) and otherwise leave Flower's own code in place, so
@@ -105,7 +105,7 @@ def _patchable() -> tuple[Any, Any] | None:
 @contextlib.contextmanager
 def tuned_engine(ray_start: Any = None) -> Iterator[bool]:
     """Install :func:`deliver_messages`, node-mapping capture and fedlr's Ray backend
-    (taking Ray and its actors from ``ray_start``, a :class:`fedlr.raypool.RayStart`)
+    (taking Ray and its actors from ``ray_start``, a :class:`fedlr.raystart.RayStart`)
     for one in-process simulation.
 
     Yields whether the patches are in place; restores Flower's functions on exit.

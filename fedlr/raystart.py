@@ -31,6 +31,16 @@ from typing import Any
 import ray
 
 
+# Largest message that travels inline in Ray's task calls instead of through the
+# object store (Ray's default: 100 KiB).
+INLINE_BYTES = 8 * 2**20
+
+
+def private_instance() -> bool:
+    """Whether ``fedlr run`` starts its own Ray (lean) rather than joining ``RAY_ADDRESS``."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
 def client_resources(cfg: dict[str, Any]) -> dict[str, float]:
     """Ray resources of one client actor, from ``[simulation]``."""
     return {"num_cpus": cfg["simulation.num_cpus"], "num_gpus": cfg["simulation.num_gpus"]}
@@ -72,7 +82,7 @@ class RayStart:
     def __init__(self, cfg: dict[str, Any], verbose: bool) -> None:
         self.cfg = cfg
         self.verbose = verbose
-        self.lean = not os.environ.get("RAY_ADDRESS")
+        self.lean = private_instance()
         self.error: BaseException | None = None
         self._actors: list[Any] = []
         self._taken = False
@@ -149,7 +159,7 @@ def init_ray(verbose: bool, *, lean: bool) -> None:
         return
     os.environ["PYTHONPATH"] = pythonpath  # inherited by the raylet and its workers
     with lean_head(log_monitor=verbose):
-        ray.init(_system_config={"max_direct_call_object_size": int(os.environ.get("FEDLR_INLINE", 8 * 2**20))}, **args)
+        ray.init(_system_config={"max_direct_call_object_size": INLINE_BYTES}, **args)
 
 
 @contextlib.contextmanager

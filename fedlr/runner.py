@@ -37,8 +37,10 @@ class _DropDeprecation(logging.Filter):
 
 def backend_config(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     """Ray backend settings: per-client resources from ``[simulation]``."""
+    from fedlr.raystart import client_resources
+
     return {
-        "client_resources": {"num_cpus": cfg["simulation.num_cpus"], "num_gpus": cfg["simulation.num_gpus"]},
+        "client_resources": client_resources(cfg),
         "init_args": {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose},
     }
 
@@ -56,9 +58,9 @@ def _reaper(out: Path, finished: threading.Event) -> Callable[[BaseException | N
         def reap() -> None:
             if finished.wait(10.0):
                 return
-            from fedlr.raystart import shutdown_ray
+            from fedlr.raystart import private_instance, shutdown_ray
 
-            shutdown_ray(lean=not os.environ.get("RAY_ADDRESS"))
+            shutdown_ray(lean=private_instance())
             if finished.wait(5.0):
                 return
             if err is None:
