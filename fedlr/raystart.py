@@ -10,7 +10,8 @@ monitor (a fixed one-machine cluster never scales), no dashboard API server
 (fedlr never serves the dashboard; ``include_dashboard = False`` still started
 it, for usage statistics), and no log monitor unless ``--verbose`` (workers'
 output stays in Ray's session logs; client errors reach fedlr as exceptions,
-not as logs): three Python processes fewer. It passes no job ``runtime_env``:
+not as logs), and no dashboard or runtime-env agent on the raylet
+(:func:`without_agents`): five Python processes fewer. It passes no job ``runtime_env``:
 the driver's ``PYTHONPATH`` reaches the workers through the environment they
 inherit, so the client actors take over the workers Ray prestarts instead of
 waiting for the runtime-env agent to set up new ones. Joining a cluster
@@ -162,6 +163,44 @@ def init_ray(verbose: bool, *, lean: bool) -> None:
         ray.init(_system_config={"max_direct_call_object_size": INLINE_BYTES}, **args)
 
 
+# What a private head's raylet runs in place of its two Python agents: a shell
+# that lives exactly as long as the raylet (the raylet fate-shares with its
+# agents, and must not leave this behind when it is killed). Arguments the
+# raylet appends land in "$@" and are ignored.
+AGENT_STUB = '/bin/sh -c "while kill -0 \\"${RAY_RAYLET_PID:-$PPID}\\" 2>/dev/null; do sleep 1; done" fedlr-agent-stub'
+_AGENT_FLAGS = ("--dashboard_agent_command=", "--runtime_env_agent_command=")
+
+
+def without_agents(raylet_command: list[str]) -> list[str]:
+    """The raylet's command line with :data:`AGENT_STUB` for its dashboard and
+    runtime-env agents, after recording their ports as unused.
+
+    The dashboard agent exports metrics and serves the dashboard's node views;
+    the runtime-env agent builds runtime environments. A private fedlr instance
+    uses neither (no dashboard, no job ``runtime_env``), yet the two are Python
+    processes of 57 and 75 MB that import aiohttp, grpc and OpenTelemetry while
+    the driver and the actors start on the same cores. The raylet waits for the
+    agents to publish their ports; publishing -1 is Ray's own way to say a
+    service is off (as its minimal installation does), so the raylet and the
+    workers run with metrics disabled.
+    """
+    from ray._raylet import (
+        DASHBOARD_AGENT_LISTEN_PORT_NAME,
+        METRICS_AGENT_PORT_NAME,
+        METRICS_EXPORT_PORT_NAME,
+        RUNTIME_ENV_AGENT_PORT_NAME,
+        persist_port,
+    )
+
+    flags = dict(arg.split("=", 1) for arg in raylet_command if arg.startswith(("--node_id=", "--session_dir=")))
+    if len(flags) != 2 or not all(any(a.startswith(f) for a in raylet_command) for f in _AGENT_FLAGS):
+        return raylet_command  # not the raylet command line this knows: Ray's agents, unchanged
+    for name in (METRICS_AGENT_PORT_NAME, METRICS_EXPORT_PORT_NAME, DASHBOARD_AGENT_LISTEN_PORT_NAME,
+                 RUNTIME_ENV_AGENT_PORT_NAME):
+        persist_port(flags["--session_dir"], flags["--node_id"], name, -1)
+    return [next((f + AGENT_STUB for f in _AGENT_FLAGS if arg.startswith(f)), arg) for arg in raylet_command]
+
+
 @contextlib.contextmanager
 def lean_head(*, log_monitor: bool) -> Iterator[bool]:
     """While ``ray.init`` starts a local head: no autoscaler monitor, no dashboard
@@ -169,7 +208,7 @@ def lean_head(*, log_monitor: bool) -> Iterator[bool]:
     internals matched (otherwise ``ray.init`` runs unchanged)."""
     try:
         from ray._private import node as node_mod
-        from ray._private import parameter
+        from ray._private import parameter, services
     except ImportError:
         yield False
         return
@@ -179,6 +218,7 @@ def lean_head(*, log_monitor: bool) -> Iterator[bool]:
         return
     original_params_init = RayParams.__init__
     original_api_server = Node.start_api_server
+    original_start_process = getattr(services, "start_ray_process", None)
 
     def params_init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_params_init(self, *args, **kwargs)
@@ -192,13 +232,23 @@ def lean_head(*, log_monitor: bool) -> Iterator[bool]:
         else:
             self._webui_url = None
 
+    def start_ray_process(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
+        assert original_start_process is not None
+        if process_type == "raylet":
+            command = without_agents(command)
+        return original_start_process(command, process_type, *args, **kwargs)
+
     RayParams.__init__ = params_init
     Node.start_api_server = start_api_server
+    if original_start_process is not None:
+        services.start_ray_process = start_ray_process
     try:
         yield True
     finally:
         RayParams.__init__ = original_params_init
         Node.start_api_server = original_api_server
+        if original_start_process is not None:
+            services.start_ray_process = original_start_process
 
 
 # Ray is stopped from two threads: the engine's, when the simulation ends, and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from queue import Queue
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -112,6 +113,44 @@ def test_lean_head_drops_monitor_dashboard_and_log_monitor_only_while_active() -
     assert params.no_monitor is False and params.include_log_monitor is None
 
 
+def test_without_agents_stubs_the_raylets_agents_and_publishes_their_ports_as_unused(tmp_path: Path) -> None:
+    from fedlr.raystart import AGENT_STUB, without_agents
+
+    node = "ab" * 28
+    command = ["raylet", f"--node_id={node}", f"--session_dir={tmp_path}",
+               "--dashboard_agent_command=python dashboard/agent.py --x=1",
+               "--runtime_env_agent_command=python runtime_env/agent/main.py", "--head"]
+    stubbed = without_agents(command)
+    assert stubbed == ["raylet", f"--node_id={node}", f"--session_dir={tmp_path}",
+                       f"--dashboard_agent_command={AGENT_STUB}", f"--runtime_env_agent_command={AGENT_STUB}", "--head"]
+    # The raylet reads these instead of waiting for the agents; -1 is Ray's "service off".
+    ports = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert ports == {f"{name}_{node}": "-1" for name in
+                     ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port", "runtime_env_agent_port")}
+    # A command line without the flags this knows (another Ray) is left alone.
+    assert without_agents(command[:3]) == command[:3]
+
+
+def test_agent_stub_lives_as_long_as_the_raylet_and_ignores_appended_arguments() -> None:
+    import shlex
+    import subprocess
+    import time
+
+    from fedlr.raystart import AGENT_STUB
+
+    parent = subprocess.Popen(["sleep", "30"])
+    stub = subprocess.Popen([*shlex.split(AGENT_STUB), "--agent-id=1"], env={"RAY_RAYLET_PID": str(parent.pid)})
+    try:
+        time.sleep(0.3)
+        assert stub.poll() is None  # the raylet fate-shares with its agents: the stub must not exit early
+        parent.kill()
+        parent.wait()
+        assert stub.wait(timeout=5) == 0  # and must not outlive it
+    finally:
+        for proc in (parent, stub):
+            proc.kill()
+
+
 def test_client_actor_runs_the_app_it_was_given_and_wraps_failures_as_flower_does() -> None:
     from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 
@@ -167,9 +206,13 @@ def test_lean_ray_runs_actors_and_leaves_no_process_behind() -> None:
     actors, spawned = [], []
     try:
         node = ray._private.worker._global_node
-        names = " ".join(" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True))
-        # The private head runs neither the autoscaler monitor nor the dashboard nor the log monitor.
+        children = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+        names = " ".join(" ".join(cmd) for cmd in children)
+        # The private head runs neither the autoscaler monitor nor the dashboard nor the log
+        # monitor, and its raylet neither of its Python agents (stubs instead).
         assert "monitor.py" not in names and "dashboard.py" not in names and "log_monitor" not in names
+        assert "dashboard/agent.py" not in names and "runtime_env/agent/main.py" not in names
+        assert sum(cmd[:2] == ["/bin/sh", "-c"] and "fedlr-agent-stub" in cmd for cmd in children) == 2
         assert actors_that_fit({"num_cpus": 1, "num_gpus": 0}) == int(ray.cluster_resources()["CPU"])
         with pytest.raises(ValueError, match="simulation.num_gpus = 1"):
             actors_that_fit({"num_cpus": 1, "num_gpus": 1})  # no GPU here
