@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 from queue import Queue
 from pathlib import Path
@@ -149,6 +150,25 @@ def test_agent_stub_lives_as_long_as_the_raylet_and_ignores_appended_arguments()
     finally:
         for proc in (parent, stub):
             proc.kill()
+
+
+def test_shutdown_stands_in_for_the_compiled_dag_module_only_while_none_can_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from fedlr.raystart import _no_compiled_dags
+
+    name = "ray.dag.compiled_dag_node"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    with _no_compiled_dags():
+        from ray.dag.compiled_dag_node import _shutdown_all_compiled_dags  # what ray.shutdown runs
+
+        assert _shutdown_all_compiled_dags() is None
+        assert not hasattr(sys.modules[name], "CompiledDAG")  # the stand-in, not Ray's module
+    assert name not in sys.modules  # a later import gets the real module
+    real = importlib.import_module(name)
+    assert hasattr(real, "CompiledDAG")
+    with _no_compiled_dags():  # once the real one is loaded (DAGs may exist), it is left alone
+        assert sys.modules[name] is real
 
 
 def test_client_actor_runs_the_app_it_was_given_and_wraps_failures_as_flower_does() -> None:
