@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -106,6 +106,15 @@ class ClientActor:
         except Exception as ex:
             raise ClientAppException(str(ex)) from ex
         return cid, out_message, context
+
+    def run_call(self, jobs: list[tuple[Message, str, Context]]) -> Iterator[tuple[str, Message, Context]]:
+        """:meth:`run` for each ``(message, cid, context)`` in turn, yielding each
+        result as soon as it is ready (a Ray streaming generator: the driver gets
+        every reply while the next client trains). The first failure ends the
+        call with that client's exception, as :meth:`run` raises it; the caller
+        sends the rest again (:meth:`fedlr.raypool.FedlrRayBackend.process_call`)."""
+        for message, cid, context in jobs:
+            yield self.run(message, cid, context)
 
     def terminate(self) -> None:
         ray.actor.exit_actor()

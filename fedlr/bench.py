@@ -158,6 +158,10 @@ class RayTrainer:
         warm(cfg)
         self.cfg = cfg
 
+    def train_call(self, state: dict[str, Any], pids: list[int], server_round: int) -> list[tuple[int, dict[str, Any], int]]:
+        """:meth:`train` for several clients in one call, as fedlr's actor calls carry them."""
+        return [self.train(state, pid, server_round) for pid in pids]
+
     def train(self, state: dict[str, Any], pid: int, server_round: int) -> tuple[int, dict[str, Any], int]:
         import torch
 
@@ -173,13 +177,16 @@ class RayTrainer:
 
 def ray_loop(cfg: Config) -> dict[str, Any]:
     """The same FedAvg hand-written on Ray, without Flower: fedlr's lean Ray and
-    warm actors, the global model put in the object store once per round, each
-    actor given the next client as soon as it is free, aggregation in partition
-    order in the driver as :func:`plain_loop` does. What Ray alone costs."""
+    warm actors, the global model put in the object store once per round, the
+    round's clients grouped into the same actor calls as fedlr's
+    (:func:`fedlr.engine.plan_calls`), each actor given the next call as soon as
+    it is free, aggregation in partition order in the driver as
+    :func:`plain_loop` does. What Ray alone costs."""
     import ray
     import torch
 
     from fedlr.data import load_federated_data
+    from fedlr.engine import plan_calls
     from fedlr.models import build_model
     from fedlr.raystart import actors_that_fit, client_resources, init_ray, shutdown_ray
     from fedlr.training import evaluate
@@ -198,15 +205,16 @@ def ray_loop(cfg: Config) -> dict[str, Any]:
             t_first = time.perf_counter()
         pids = sample_partitions(cfg["seed"], server_round, cfg["num_clients"], cfg["clients_per_round"])
         state = ray.put({k: v.numpy() for k, v in global_model.state_dict().items()})
-        todo, idle, running, results = list(pids), list(actors), {}, {}
+        todo = plan_calls(pids, len(actors), lambda pid: len(data.partitions[pid]), cfg["simulation.clients_per_call"])
+        idle, running, results = list(actors), {}, {}
         while todo or running:
             while todo and idle:
                 actor = idle.pop()
-                running[actor.train.remote(state, todo.pop(0), server_round)] = actor
+                running[actor.train_call.remote(state, todo.pop(0), server_round)] = actor
             done, _ = ray.wait(list(running), num_returns=1)
             idle.append(running.pop(done[0]))
-            pid, weights, n = ray.get(done[0])
-            results[pid] = (weights, n)
+            for pid, weights, n in ray.get(done[0]):
+                results[pid] = (weights, n)
         total = sum(n for _, n in results.values())
         acc: dict[str, torch.Tensor] = {}
         for pid in pids:

@@ -119,6 +119,8 @@ SCHEMA: dict[str, Field] = {
     "simulation.num_cpus": Field(float, 1.0, "CPUs per client actor", low=0.0, low_open=True),
     "simulation.num_gpus": Field(float, 0.0, "GPUs per client actor (fractional allowed)", low=0.0),
     "simulation.round_timeout": Field(float, 600.0, "seconds to wait for a round's replies", low=0.0, low_open=True),
+    "simulation.clients_per_call": Field(int, 0, "most clients one actor call carries (0: no cap, two balanced calls "
+                                                 "per actor; 1: one message per call, as Flower)", low=0),
     # --- fault injection (to test failure handling; off by default)
     "faults.client": Field(int, -1, "partition id that fails on purpose (-1: none)", low=-1),
     "faults.round": Field(int, 1, "round in which it fails", low=1),

@@ -48,7 +48,7 @@ def test_int_widens_to_float_but_not_the_reverse() -> None:
                                        "(a whole number of GPUs or a share of one)"),
         ({"model": "cnn"}, "model = 'cnn': 2-D CNNs need images; use 'mlp' or 'cnn1d' for mnist1d"),
         ({"simulation": 3}, "'simulation' is a table, not a value; its keys: simulation.num_cpus, "
-                            "simulation.num_gpus, simulation.round_timeout"),
+                            "simulation.num_gpus, simulation.round_timeout, simulation.clients_per_call"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(raw: dict, message: str) -> None:

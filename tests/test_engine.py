@@ -247,3 +247,127 @@ def test_lean_ray_runs_actors_and_leaves_no_process_behind() -> None:
     shutdown_ray(lean=True)  # a second stop (the reaper after the engine) is a no-op
     gone, alive = psutil.wait_procs(spawned, timeout=5)
     assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+# ------------------------------------------------------------ actor calls
+def _costed(costs: list[float]) -> tuple[list[SimpleNamespace], object]:
+    messages = [SimpleNamespace(name=f"m{i}", cost=c) for i, c in enumerate(costs)]
+    return messages, lambda m: m.cost
+
+
+def test_plan_calls_balances_work_two_calls_per_actor_heaviest_first() -> None:
+    messages, cost = _costed([5, 1, 1, 1, 4, 2, 2, 3, 1, 1])
+    plan = engine.plan_calls(messages, actors=2, cost=cost)
+    assert len(plan) == 2 * engine.CALLS_PER_ACTOR
+    assert sorted(m.name for call in plan for m in call) == sorted(m.name for m in messages)  # each exactly once
+    loads = [sum(m.cost for m in call) for call in plan]
+    assert loads == sorted(loads, reverse=True)  # the heaviest call starts first
+    assert max(loads) - min(loads) <= max(m.cost for m in messages)  # LPT's bound
+    assert [[m.name for m in call] for call in plan] == [["m0", "m9"], ["m4", "m2"], ["m7", "m1", "m3"], ["m5", "m6", "m8"]]
+    assert [[m.name for m in c] for c in engine.plan_calls(messages, 2, cost)] == [[m.name for m in c] for c in plan]
+
+
+def test_plan_calls_cap_and_small_sweeps_keep_one_message_per_call() -> None:
+    messages, cost = _costed([1.0] * 9)
+    assert [len(c) for c in engine.plan_calls(messages, actors=2, cost=cost, cap=1)] == [1] * 9  # Flower's way
+    capped = engine.plan_calls(messages, actors=1, cost=cost, cap=2)
+    assert len(capped) == 5 and max(len(c) for c in capped) == 2
+    # The equal-cost messages keep their order inside each call.
+    assert [[m.name for m in c] for c in engine.plan_calls(messages, actors=1, cost=cost)] == [
+        ["m0", "m2", "m4", "m6", "m8"], ["m1", "m3", "m5", "m7"]]
+    few, _ = _costed([1.0] * 3)
+    assert [len(c) for c in engine.plan_calls(few, actors=2, cost=cost)] == [1, 1, 1]  # fewer messages than calls
+    assert engine.plan_calls([], actors=2, cost=cost) == []
+
+
+def test_delivery_with_a_plan_queues_each_sweep_as_its_calls() -> None:
+    state = FakeState({"a": 1, "b": 2, "c": 3})
+    queue: Queue = Queue()
+    stop = threading.Event()
+    stop.wait = lambda timeout=None: stop.set()  # type: ignore[method-assign]
+    engine.deliver_messages(state, queue, {1: 0, 2: 1, 3: 2}, stop, plan=lambda batch: [batch[:2], batch[2:]])
+    store = state.message_ins_store
+    assert queue.get_nowait() == [store["a"], store["b"]] and queue.get_nowait() == [store["c"]]
+
+
+class _Store:
+    """A node's context store, as Flower's ``DeprecatedRunInfoStore`` is used by its worker."""
+
+    def __init__(self, context: str) -> None:
+        self.context, self.updates = context, []
+
+    def retrieve_context(self, run_id: int) -> str:
+        return self.context
+
+    def update_context(self, run_id: int, context: str) -> None:
+        self.updates.append(context)
+
+
+def test_call_worker_replies_per_message_and_fails_only_the_failed_client(isolated_flower) -> None:
+    from flwr.app import Message, RecordDict
+    from flwr.clientapp.client_app import ClientAppException
+    from flwr.common.constant import ErrorCode
+
+    sent = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in (11, 12, 13)]
+    stores = {11: _Store("c11"), 12: _Store("c12"), 13: _Store("c13")}
+
+    class Backend:
+        def process_call(self, messages, contexts):
+            assert contexts == ["c11", "c12", "c13"]
+            yield Message(RecordDict(), reply_to=messages[0]), "c11 after"
+            yield ClientAppException("client 12 failed: boom"), None
+            yield Message(RecordDict(), reply_to=messages[2]), "c13 after"
+
+    inbox, outbox = Queue(), Queue()
+    inbox.put(sent)
+    stop = threading.Event()
+    metrics = SimpleNamespace(add_clientapp_runtime=lambda s: runtimes.append(s))
+    runtimes: list[float] = []
+    worker = threading.Thread(target=engine.call_worker, args=(inbox, outbox, stores, Backend(), stop, metrics))
+    worker.start()
+    replies = [outbox.get(timeout=10) for _ in range(3)]
+    stop.set()
+    worker.join()
+    assert [r.metadata.src_node_id for r in replies] == [11, 12, 13]  # in order, one per message
+    assert [r.has_error() for r in replies] == [False, True, False]
+    error = replies[1].error
+    assert error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert error.reason == ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\n"
+                            "Exception ClientAppException occurred. Message: client 12 failed: boom'>")
+    assert stores[11].updates == ["c11 after"] and stores[12].updates == [] and stores[13].updates == ["c13 after"]
+    assert len({r.metadata.message_id for r in replies}) == 3 and len(runtimes) == 3
+
+
+@pytest.mark.ray
+def test_a_call_streams_replies_and_a_failure_costs_only_its_client() -> None:
+    import ray
+    from flwr.clientapp.client_app import ClientAppException
+
+    from fedlr.actor import FedlrClientActor
+    from fedlr.raypool import FedlrRayBackend
+    from fedlr.raystart import init_ray, shutdown_ray
+
+    init_ray(False, lean=True)
+    actor = FedlrClientActor.options(num_cpus=1).remote(None)
+    try:
+        def app(message: str, context: SimpleNamespace) -> str:
+            if message == "m2":
+                raise ValueError("client 2 failed: boom")
+            return f"reply to {message}"
+
+        actor.set_app.remote(lambda: app)
+        backend = object.__new__(FedlrRayBackend)
+        backend.pool = SimpleNamespace(pool=[actor])
+        contexts = [SimpleNamespace(node_config={"partition-id": i}) for i in range(4)]
+        outcomes = list(backend.process_call(["m0", "m1", "m2", "m3"], contexts))  # type: ignore[arg-type]
+        assert [o for o, _ in outcomes[:2]] == ["reply to m0", "reply to m1"] and outcomes[3][0] == "reply to m3"
+        failure, context = outcomes[2]
+        # The exception process_message raises for a failed client (Ray's wrapper of it).
+        assert isinstance(failure, ClientAppException) and "client 2 failed: boom" in str(failure)
+        assert context is None and [c.node_config for _, c in (outcomes[0], outcomes[3])] == [{"partition-id": 0},
+                                                                                                {"partition-id": 3}]
+        assert backend.pool.pool == [actor]  # the actor is back for the next call
+        single = list(backend.process_call(["m2"], contexts[2:3]))  # type: ignore[arg-type]
+        assert isinstance(single[0][0], ClientAppException)
+    finally:
+        shutdown_ray(lean=True, actors=[actor])

@@ -119,3 +119,26 @@ def test_checkpoints_round_trip_and_torch_saved_ones_still_load(tmp_path: Path) 
     (tmp_path / CHECKPOINT).write_bytes(buf.getvalue())
     old = load_checkpoint(tmp_path)
     assert old["round"] == 3 and np.array_equal(old["arrays"]["w"], arrays["w"])
+
+
+def test_several_clients_per_actor_call_change_no_metric(tiny_config: Path, tmp_path: Path) -> None:
+    # Eight clients on two actors: four calls of two (fedlr.engine.plan_calls), against Flower's one per call.
+    common = ("--set", "num_clients=8", "--set", "clients_per_round=8")
+    calls = run_cli("run", str(tiny_config), "--out", str(tmp_path / "calls"), "--quiet", *common)
+    single = run_cli("run", str(tiny_config), "--out", str(tmp_path / "single"), "--quiet", *common,
+                     "--set", "simulation.clients_per_call=1")
+    assert calls.returncode == 0 and single.returncode == 0, calls.stderr + single.stderr
+    assert _strip(read_jsonl(tmp_path / "calls" / "metrics.jsonl")) == _strip(read_jsonl(tmp_path / "single" / "metrics.jsonl"))
+
+
+def test_a_client_failing_inside_a_call_costs_only_itself(tiny_config: Path, tmp_path: Path) -> None:
+    # Equal partitions on two actors: calls [0, 4], [1, 5], [2, 6], [3, 7]. Client 1
+    # fails first in its call (client 5 is sent again), client 5 second.
+    for failing in (1, 5):
+        out = tmp_path / f"f{failing}"
+        proc = run_cli("run", str(tiny_config), "--out", str(out), "--quiet", "--set", "num_clients=8",
+                       "--set", "clients_per_round=8", "--set", f"faults.client={failing}", "--set", "max_failures=1")
+        assert proc.returncode == 0, proc.stderr
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert rows[1]["failed_clients"] == [failing] and rows[1]["clients"] == 7
+        assert "failed_clients" not in rows[2] and rows[2]["clients"] == 8
