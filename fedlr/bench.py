@@ -172,7 +172,8 @@ class RayTrainer:
         model = _model(self.cfg, data.input_shape, data.num_classes, device())
         model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         n = train_client(self.cfg, model, data, pid, server_round)
-        return pid, {k: v.detach().numpy() for k, v in model.state_dict().items()}, n
+        # A copy: the next client of the same call trains this very model in place.
+        return pid, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}, n
 
 
 def ray_loop(cfg: Config) -> dict[str, Any]:

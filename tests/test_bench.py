@@ -7,7 +7,8 @@ import pytest
 from fedlr import bench
 from fedlr import config as config_mod
 
-TINY = {"dataset": "digits", "model": "cnn", "num_clients": 6, "clients_per_round": 3, "rounds": 2,
+# Six clients a round: on two actors, calls of two clients (fedlr.engine.plan_calls).
+TINY = {"dataset": "digits", "model": "cnn", "num_clients": 6, "clients_per_round": 6, "rounds": 2,
         "partition": "iid", "local_epochs": 1, "batch_size": 32, "lr": 0.05}
 
 
