@@ -293,8 +293,23 @@ def bench_overhead(overrides: dict[str, Any]) -> str:
         row(f"time per round (rounds 2..{cfg['rounds']})", "round_s", ".3f", " s"),
         f"| fixed start-up (wall − rounds × time per round) | {_fixed(plain, cfg):.1f} s | {_fixed(bare, cfg):.1f} s | "
         f"{_fixed(sim, cfg):.1f} s | +{_fixed(sim, cfg) - _fixed(plain, cfg):.1f} s |",
+        "",
+        targets_line(sim["wall_s"] / plain["wall_s"], sim["peak_pss_mb"] / plain["peak_pss_mb"]),
     ]
     return "\n".join(lines)
+
+
+# Issue 8's targets for fedlr against the plain PyTorch loop, start-up included.
+WALL_TARGET, MEMORY_TARGET = 1.3, 2.0
+
+
+def targets_line(wall_ratio: float, memory_ratio: float) -> str:
+    """The verdict against :data:`WALL_TARGET` and :data:`MEMORY_TARGET`."""
+    def verdict(ratio: float, target: float) -> str:
+        return f"{ratio:.2f}x ({'met' if ratio <= target else 'not met'}, target {target}x)"
+
+    return (f"targets against the plain PyTorch loop: wall time {verdict(wall_ratio, WALL_TARGET)}, "
+            f"peak memory (PSS) {verdict(memory_ratio, MEMORY_TARGET)}")
 
 
 def _fixed(result: dict[str, float], cfg: Config) -> float:

@@ -42,3 +42,10 @@ def test_memory_roles_name_the_client_actors_of_both_ray_sides() -> None:
     assert bench._role(Proc(3, "ray::RayTrainer.train"), root) == "actors"  # type: ignore[arg-type]
     assert bench._role(Proc(4, "ray::IDLE"), root) == "actors"  # type: ignore[arg-type]
     assert bench._role(Proc(5, "/x/ray/core/src/ray/raylet/raylet --node"), root) == "ray"  # type: ignore[arg-type]
+
+
+def test_targets_line_says_met_only_at_or_below_the_target() -> None:
+    assert bench.targets_line(1.3, 2.5) == ("targets against the plain PyTorch loop: wall time 1.30x (met, target 1.3x), "
+                                            "peak memory (PSS) 2.50x (not met, target 2.0x)")
+    assert "wall time 1.31x (not met" in bench.targets_line(1.31, 1.0)
+    assert "(PSS) 1.00x (met" in bench.targets_line(1.31, 1.0)
