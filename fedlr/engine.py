@@ -90,14 +90,14 @@ def plan_calls(messages: list[Any], actors: int, cost: Callable[[Any], float], c
     calls = min(len(messages), CALLS_PER_ACTOR * actors)
     if cap > 0:
         calls = max(calls, math.ceil(len(messages) / cap))
+    costs = [cost(m) for m in messages]
     plan: list[list[Any]] = [[] for _ in range(calls)]
     loads = [0.0] * calls
     open_calls = [(0.0, i) for i in range(calls)]  # (work so far, call index): a min-heap
-    ordered = sorted(range(len(messages)), key=lambda i: (-cost(messages[i]), i))
-    for i in ordered:
+    for i in sorted(range(len(messages)), key=lambda i: (-costs[i], i)):
         load, c = heapq.heappop(open_calls)
         plan[c].append(messages[i])
-        loads[c] = load + cost(messages[i])
+        loads[c] = load + costs[i]
         if cap <= 0 or len(plan[c]) < cap:
             heapq.heappush(open_calls, (loads[c], c))
     order = sorted(range(calls), key=lambda c: (-loads[c], c))

@@ -97,18 +97,17 @@ class FedlrRayBackend(RayBackend):
         """
         if self.pool is None:
             raise ValueError("The actor pool is empty, unfit to process messages.")
+        if len(messages) == 1:  # a plain task: a stream of one costs more (measured)
+            try:
+                yield self.process_message(messages[0], contexts[0])
+            except Exception as ex:  # noqa: BLE001 - this client's failure, reported as its reply
+                yield ex, None
+            return
         # One worker thread per actor and one call per worker at a time: an idle
         # actor is always there (list.pop and append are atomic).
         actor = self.pool.pool.pop()
         try:
             jobs = [(m, str(c.node_config["partition-id"]), c) for m, c in zip(messages, contexts)]
-            if len(jobs) == 1:  # a plain task: a stream of one costs more (measured)
-                try:
-                    _, reply, context = ray.get(actor.run.remote(*jobs[0]))
-                    yield reply, context
-                except Exception as ex:  # noqa: BLE001 - this client's failure, reported as its reply
-                    yield ex, None
-                return
             start = 0
             while start < len(jobs):
                 stream = actor.run_call.options(num_returns="streaming").remote(jobs[start:])

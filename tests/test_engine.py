@@ -357,7 +357,13 @@ def test_a_call_streams_replies_and_a_failure_costs_only_its_client() -> None:
 
         actor.set_app.remote(lambda: app)
         backend = object.__new__(FedlrRayBackend)
-        backend.pool = SimpleNamespace(pool=[actor])
+        from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+        # As FedlrRayBackend.build sets it up: Flower's pool holding the one actor.
+        backend.pool = BasicActorPool(actor_type=FedlrClientActor, client_resources={"num_cpus": 1, "num_gpus": 0},
+                                      actor_kwargs={})
+        backend.pool.pool, backend.pool.num_actors = [actor], 1
+        backend.app_fn = lambda: app
         contexts = [SimpleNamespace(node_config={"partition-id": i}) for i in range(4)]
         outcomes = list(backend.process_call(["m0", "m1", "m2", "m3"], contexts))  # type: ignore[arg-type]
         assert [o for o, _ in outcomes[:2]] == ["reply to m0", "reply to m1"] and outcomes[3][0] == "reply to m3"
